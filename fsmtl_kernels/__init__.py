@@ -1,0 +1,31 @@
+"""fsmtl-kernels: the three hot operations of Fisher Sparse Multi-Task Learning.
+
+* :func:`fisher_accumulate` — squared (per-sample or batch) gradients into float32 Fisher buffers.
+* :func:`topk_mask` / :func:`topk_mask_batched` — exact top-K over all shared parameters,
+  as a bit-packed :class:`PackedMask`.
+* :func:`masked_grad_average` — ``sum_t S_t * g_t / T`` (or per-entry selected count).
+* :func:`fisher_topk` / :func:`fisher_topk_batched` — Fisher from gradients, then top-K.
+
+Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
+"""
+
+from .average import masked_grad_average
+from .backends import BackendUnavailableError, available_backends
+from .fisher import fisher_accumulate, fisher_topk, fisher_topk_batched
+from .mask import PackedMask
+from .topk import keep_ratio_to_k, topk_mask, topk_mask_batched
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "PackedMask",
+    "available_backends",
+    "fisher_accumulate",
+    "fisher_topk",
+    "fisher_topk_batched",
+    "keep_ratio_to_k",
+    "masked_grad_average",
+    "topk_mask",
+    "topk_mask_batched",
+]

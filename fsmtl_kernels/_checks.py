@@ -1,0 +1,91 @@
+"""Argument validation shared by the public ops.
+
+Every public op validates all of its arguments before touching any buffer, so a
+bad call raises and leaves Fisher buffers, ``.grad`` and masks unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from numbers import Integral, Real
+
+import torch
+
+GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tensor_list(value, name: str, *, min_dim: int = 0) -> list[torch.Tensor]:
+    """A non-empty list of tensors on one device, or a clear error naming ``name``."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
+    items = list(value)
+    if not items:
+        raise ValueError(f"{name} must not be empty")
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < min_dim:
+            raise ValueError(f"{name}[{i}] must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+    device = items[0].device
+    for i, t in enumerate(items):
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device} but {name}[0] is on {device}; all must share one device")
+    return items
+
+
+def floating(items: Sequence[torch.Tensor], name: str, dtypes=GRAD_DTYPES) -> None:
+    allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    for i, t in enumerate(items):
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of {allowed}")
+
+
+def same_device(a: Sequence[torch.Tensor], a_name: str, b: Sequence[torch.Tensor], b_name: str) -> None:
+    if a[0].device != b[0].device:
+        raise ValueError(f"{b_name} is on {b[0].device} but {a_name} is on {a[0].device}")
+
+
+def same_length(a: Sequence, a_name: str, b: Sequence, b_name: str) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"{b_name} has {len(b)} entries but {a_name} has {len(a)}")
+
+
+def no_nan(items: Sequence[torch.Tensor], name: str) -> None:
+    for i, t in enumerate(items):
+        if t.numel() and bool(torch.isnan(t).any()):
+            raise ValueError(f"{name}[{i}] contains NaN; scores must be comparable numbers")
+
+
+def resolve_k(k, total: int, name: str = "k") -> int:
+    """Turn ``k`` (an int count or a float keep ratio) into a count in ``[0, total]``.
+
+    A float ratio ``p`` in ``(0, 1]`` gives ``k = floor(p * total + 1/2)``: the exact
+    product of the float's binary value and ``total``, rounded half up (so 0.5 * 3 -> 2,
+    0.25 * 10 -> 3). ``bool`` is rejected: ``True`` is not a count.
+    """
+    if isinstance(k, bool):
+        raise TypeError(f"{name} must be an int count or a float keep ratio, not bool")
+    if isinstance(k, Integral):
+        k = int(k)
+        if not 0 <= k <= total:
+            raise ValueError(f"{name}={k} is out of range [0, {total}]")
+        return k
+    if isinstance(k, Real):
+        ratio = float(k)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"{name}={ratio!r} as a keep ratio must lie in (0, 1]")
+        exact = Fraction(ratio) * total + Fraction(1, 2)
+        return int(exact.numerator // exact.denominator)
+    raise TypeError(f"{name} must be an int count or a float keep ratio, got {type(k).__name__}")
+
+
+def resolve_ks(k, num_tasks: int, total: int, name: str = "k") -> list[int]:
+    """One count per task: ``k`` shared by all tasks, or a sequence of ``num_tasks`` values."""
+    if isinstance(k, torch.Tensor):
+        raise TypeError(f"{name} must be an int, a float or a list of them, not a tensor")
+    if isinstance(k, Sequence) and not isinstance(k, str):
+        if len(k) != num_tasks:
+            raise ValueError(f"{name} has {len(k)} entries but there are {num_tasks} tasks")
+        return [resolve_k(v, total, f"{name}[{t}]") for t, v in enumerate(k)]
+    return [resolve_k(k, total, name)] * num_tasks

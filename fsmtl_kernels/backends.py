@@ -1,0 +1,76 @@
+"""Backend selection: ``"auto" | "reference" | "triton" | "cpp"``.
+
+``auto`` takes the Triton kernels for CUDA tensors, the C++ extension for CPU tensors when it
+is built, and the reference otherwise. The ``backend=`` argument of every op, or the
+``FSMTL_BACKEND`` environment variable when the argument is ``"auto"``, forces one backend;
+forcing one that cannot run on the inputs' device raises :class:`BackendUnavailableError`
+instead of silently falling back.
+
+A backend is a module exposing ``fisher_accumulate``, ``topk_mask`` and
+``masked_grad_average`` with the signatures of :mod:`fsmtl_kernels.reference`, plus
+``unavailable_reason(device) -> str | None``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+_MODULES = {"triton": "fsmtl_kernels.triton", "cpp": "fsmtl_kernels.cpp"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (not built, not installed, or wrong device)."""
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:
+        return None, f"{name} backend could not be imported: {exc}"
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    if name == "reference":
+        return None
+    module, reason = _load(name)
+    return reason if module is None else module.unavailable_reason(torch.device(device))
+
+
+def requested_backend(backend: str) -> str:
+    """The backend a call asks for: the argument, or ``FSMTL_BACKEND`` when the argument is auto."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        env = os.environ.get("FSMTL_BACKEND", "auto") or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"FSMTL_BACKEND={env!r} is not one of {BACKENDS}")
+        return env
+    return backend
+
+
+def select(backend: str, device: torch.device) -> ModuleType:
+    """The backend module that runs an op on tensors on ``device``."""
+    name = requested_backend(backend)
+    if name == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else None
+        if preferred is not None and unavailable_reason(preferred, device) is None:
+            return _load(preferred)[0]
+        return reference
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={name!r} is not available for {device} tensors: {reason}")
+    return reference if name == "reference" else _load(name)[0]
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on ``device`` here."""
+    device = torch.device(device)
+    return [n for n in BACKENDS[1:] if unavailable_reason(n, device) is None]

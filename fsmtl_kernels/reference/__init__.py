@@ -1,0 +1,11 @@
+"""Plain-PyTorch reference of every op: it defines the semantics the other backends match.
+
+These functions take validated arguments (see the public functions in ``fsmtl_kernels``)
+and run on any device.
+"""
+
+from .fisher_accumulate import fisher_accumulate
+from .masked_grad_average import masked_grad_average
+from .topk_mask import topk_mask
+
+__all__ = ["fisher_accumulate", "masked_grad_average", "topk_mask"]

@@ -1,0 +1,1 @@
+"""FSMTL method library."""
