@@ -5,13 +5,14 @@
   as a bit-packed :class:`PackedMask`.
 * :func:`masked_grad_average` — ``sum_t S_t * g_t / T`` (or per-entry selected count).
 * :func:`fisher_topk` / :func:`fisher_topk_batched` — Fisher from gradients, then top-K.
+* :func:`linear_fisher` — a Linear layer's Fisher from one batched backward, ``(g*g)^T (a*a)``.
 
 Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
 """
 
 from .average import masked_grad_average
 from .backends import BackendUnavailableError, available_backends
-from .fisher import fisher_accumulate, fisher_topk, fisher_topk_batched
+from .fisher import fisher_accumulate, fisher_topk, fisher_topk_batched, linear_fisher
 from .mask import PackedMask
 from .topk import keep_ratio_to_k, topk_mask, topk_mask_batched
 
@@ -25,6 +26,7 @@ __all__ = [
     "fisher_topk",
     "fisher_topk_batched",
     "keep_ratio_to_k",
+    "linear_fisher",
     "masked_grad_average",
     "topk_mask",
     "topk_mask_batched",

@@ -6,8 +6,9 @@ is built, and the reference otherwise. The ``backend=`` argument of every op, or
 forcing one that cannot run on the inputs' device raises :class:`BackendUnavailableError`
 instead of silently falling back.
 
-A backend is a module exposing ``fisher_accumulate``, ``topk_mask`` and
-``masked_grad_average`` with the signatures of :mod:`fsmtl_kernels.reference`, plus
+A backend is a module exposing ``fisher_accumulate``, ``topk_mask``,
+``masked_grad_average`` and ``linear_fisher`` with the signatures of
+:mod:`fsmtl_kernels.reference`, plus
 ``unavailable_reason(device) -> str | None``.
 """
 

@@ -123,3 +123,56 @@ def _fisher_topk(params, grads, k, backend, *, batched: bool) -> PackedMask:
     if batched:
         return topk_mask_batched(fishers, ks, backend=backend)
     return topk_mask([f[0] for f in fishers], ks[0], backend=backend)
+
+
+def linear_fisher(
+    grad_output: torch.Tensor,
+    inputs: torch.Tensor,
+    weight_fisher: torch.Tensor,
+    bias_fisher: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> None:
+    """Fisher of a Linear layer from one batched backward: no per-sample gradients are formed.
+
+    ``weight_fisher += scale * (g*g)^T (a*a)`` and ``bias_fisher += scale * sum_n g_n**2``, which
+    equal the sums of squared per-sample gradients ``g_n a_n^T`` and ``g_n``.
+
+    Args:
+        grad_output: ``[N, out]`` gradients of the loss w.r.t. the layer's output (fp16/bf16/fp32).
+        inputs: ``[N, in]`` the layer's inputs, same device.
+        weight_fisher: float32 ``[out, in]``, updated in place.
+        bias_fisher: float32 ``[out]`` or None, updated in place.
+        scale: multiplies the sums.
+        backend: ``"auto" | "reference" | "triton" | "cpp"``.
+    """
+    for name, t in (("grad_output", grad_output), ("inputs", inputs), ("weight_fisher", weight_fisher)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _checks.floating([grad_output], "grad_output")
+    _checks.floating([inputs], "inputs")
+    _checks.floating([weight_fisher], "weight_fisher", (torch.float32,))
+    if grad_output.dim() != 2 or inputs.dim() != 2 or grad_output.shape[0] != inputs.shape[0]:
+        raise ValueError(
+            f"grad_output {tuple(grad_output.shape)} and inputs {tuple(inputs.shape)} must be [N, out] and [N, in]"
+        )
+    if weight_fisher.shape != (grad_output.shape[1], inputs.shape[1]):
+        raise ValueError(
+            f"weight_fisher has shape {tuple(weight_fisher.shape)}; expected {(grad_output.shape[1], inputs.shape[1])}"
+        )
+    tensors = [grad_output, inputs, weight_fisher]
+    if bias_fisher is not None:
+        if not isinstance(bias_fisher, torch.Tensor):
+            raise TypeError(f"bias_fisher must be a torch.Tensor or None, got {type(bias_fisher).__name__}")
+        _checks.floating([bias_fisher], "bias_fisher", (torch.float32,))
+        if bias_fisher.shape != (grad_output.shape[1],):
+            raise ValueError(f"bias_fisher has shape {tuple(bias_fisher.shape)}; expected {(grad_output.shape[1],)}")
+        tensors.append(bias_fisher)
+    for name, t in zip(("grad_output", "inputs", "weight_fisher", "bias_fisher"), tensors):
+        if t.device != grad_output.device:
+            raise ValueError(f"{name} is on {t.device} but grad_output is on {grad_output.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale != scale:
+        raise TypeError(f"scale must be a real number, got {scale!r}")
+    impl = backends.select(backend, grad_output.device)
+    impl.linear_fisher(grad_output, inputs, weight_fisher, bias_fisher, float(scale))

@@ -5,7 +5,8 @@ and run on any device.
 """
 
 from .fisher_accumulate import fisher_accumulate
+from .linear_fisher import linear_fisher
 from .masked_grad_average import masked_grad_average
 from .topk_mask import topk_mask
 
-__all__ = ["fisher_accumulate", "masked_grad_average", "topk_mask"]
+__all__ = ["fisher_accumulate", "linear_fisher", "masked_grad_average", "topk_mask"]
