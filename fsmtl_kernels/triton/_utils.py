@@ -1,0 +1,106 @@
+"""Helpers shared by the Triton launchers: interpreter detection, block sizes, segment tables.
+
+Every op runs over a *list* of parameters in one launch. The launcher describes the parameters
+in a small int64 "segment table" on the device, one row per non-empty parameter (data pointers,
+entry count, first global block, word offset); program ``b`` of the 1-D block grid finds its
+parameter by a binary search over the rows' first-block column (:func:`find_segment`). No
+gradient or score is copied or concatenated. Under ``TRITON_INTERPRET=1`` the table holds host
+addresses of CPU tensors, which the interpreter dereferences directly (checked by the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+#: torch dtype -> Triton element type, for the pointer casts of the segment tables.
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+#: Block sizes (entries per program; multiples of 32 so that a block owns whole mask words).
+#: On a GPU they are the usual sizes for memory-bound kernels; under the interpreter each
+#: program costs ~0.6 ms of Python, so blocks are large. Tests override entries (e.g. small
+#: blocks to cross block boundaries) with ``monkeypatch.setitem``.
+GPU_BLOCKS = {"fisher": 2048, "average": 2048, "topk": 4096, "linear": (64, 64, 32)}
+INTERPRETER_BLOCKS = {"fisher": 8192, "average": 8192, "topk": 8192, "linear": (64, 64, 64)}
+
+_TABLE_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_TABLE_CACHE_SIZE = 256
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` in the environment)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def block_size(op: str):
+    """The block size of ``op`` for the current mode (interpreter or GPU)."""
+    return (INTERPRETER_BLOCKS if is_interpreter() else GPU_BLOCKS)[op]
+
+
+def num_warps(block: int) -> int:
+    """Warps for an elementwise block of ``block`` entries (8 from 2048 up, as Triton's tutorials)."""
+    return 8 if block >= 2048 else 4
+
+
+def log2_ceil(n: int) -> int:
+    """Steps of the binary search over ``n`` table rows (0 for one row)."""
+    return max(0, math.ceil(math.log2(n))) if n > 1 else 0
+
+
+def persistent_programs(device: torch.device, total_blocks: int) -> int:
+    """Programs of a grid-stride loop: a few per SM on a GPU, one per block when interpreted."""
+    if device.type != "cuda" or is_interpreter():
+        return max(1, total_blocks)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(total_blocks, 4 * sms))
+
+
+def segment_table(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    """An int64 ``[len(rows), C]`` tensor on ``device`` holding ``rows``.
+
+    Tables are cached by content: two calls with the same pointers and sizes describe the same
+    memory, so reusing the device copy is exact and saves a host-to-device copy per call (the
+    usual case in a training loop, where the same buffers are passed every step).
+    """
+    key = (str(device), tuple(rows))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = torch.tensor(rows, dtype=torch.int64, device=device)
+        _TABLE_CACHE[key] = table
+        if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    else:
+        _TABLE_CACHE.move_to_end(key)
+    return table
+
+
+def block_starts(numels: list[int], block: int) -> tuple[list[int], int]:
+    """First global block of each parameter and the total number of blocks."""
+    starts, total = [], 0
+    for n in numels:
+        starts.append(total)
+        total += triton.cdiv(n, block)
+    return starts, total
+
+
+@triton.jit
+def find_segment(starts_ptr, row_stride, n_segments, block, LOG_SEGMENTS: tl.constexpr):
+    """Row of the segment table that owns global block ``block``: the last row ``s`` with
+    ``starts[s * row_stride] <= block`` (rows are sorted by first block, none is empty)."""
+    seg = block * 0
+    for i in tl.static_range(LOG_SEGMENTS):
+        cand = seg + (1 << (LOG_SEGMENTS - 1 - i))
+        inside = cand < n_segments
+        start = tl.load(starts_ptr + cand * row_stride, mask=inside, other=0)
+        seg = tl.where(inside & (start <= block), cand, seg)
+    return seg

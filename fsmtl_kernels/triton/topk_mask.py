@@ -1,0 +1,239 @@
+"""Exact top-K mask by radix select, batched over tasks (grid dimension 1 = task).
+
+1. Keys: float32 scores map to order-preserving uint32 keys (``-0.0`` is first turned into
+   ``+0.0``; positive floats get the sign bit set, negative floats are bit-inverted), so a larger
+   key is a larger score and ``+inf`` has the largest key of any non-NaN score.
+2. Radix select: three histogram passes over digits of 11, 11 and 10 bits, most significant
+   first. Pass ``d`` histograms the digit of the keys whose higher digits equal the prefix chosen
+   so far; a one-program-per-task select kernel then picks the digit that holds the ``k_rem``-th
+   largest key and subtracts the counts above it. After the last pass the prefix *is* the key of
+   the k-th largest score ``thr`` and ``k_rem`` is how many entries equal to ``thr`` to take.
+3. Mask: a count pass stores the number of ties (key == thr) of each block; a cumulative sum over
+   blocks gives each block's first tie rank, and the write pass sets the bits of every key above
+   ``thr`` and of the ties whose rank (position order: parameter, then flat index) is below
+   ``k_rem``, packed into the per-parameter word-aligned int32 words of :mod:`fsmtl_kernels.mask`.
+
+No concatenated copy and no sort: the scores are read once per pass (3 histogram passes, the
+count and the write: 5 reads of ``4 * P`` bytes per task) and ``P / 8`` bytes of mask written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+
+#: (shift, bits) of each radix pass, most significant digit first.
+DIGITS = ((21, 11), (10, 11), (0, 10))
+MAX_BINS = 1 << max(bits for _, bits in DIGITS)
+
+
+@triton.jit
+def _order_keys(x):
+    """Order-preserving uint32 keys of float32 ``x`` (-0.0 read as +0.0)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    b = x.to(tl.uint32, bitcast=True)
+    return tl.where((b >> 31) != 0, ~b, b | 0x80000000)
+
+
+@triton.jit
+def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """Keys of global block ``block`` of task ``task``, its in-range mask, and the table row."""
+    seg = _utils.find_segment(table_ptr + 2, 4, n_segments, block, LOG_SEGMENTS)
+    row = table_ptr + seg * 4
+    s_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
+    n = tl.load(row + 1)
+    first = tl.load(row + 2)
+    word_off = tl.load(row + 3)
+    local = block - first
+    offs = local * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(s_ptr + task * n + offs, mask=mask, other=0.0)
+    return _order_keys(x), mask, n, local, word_off
+
+
+@triton.jit
+def _radix_histogram_kernel(
+    table_ptr,  # int64 [S, 4]: scores pointer ([T, n] contiguous), n, first block, word offset
+    state_ptr,  # int64 [T, 2]: key prefix chosen so far, entries still to take (k_rem)
+    hist_ptr,  # int64 [T, MAX_BINS] histogram of this pass, zero on entry
+    n_segments,  # rows of the table
+    total_blocks,  # blocks over all parameters
+    SHIFT: tl.constexpr,  # lowest bit of this pass's digit
+    BITS: tl.constexpr,  # digit width
+    FILTER: tl.constexpr,  # False on the first pass (no prefix yet)
+    LOG_SEGMENTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NB_STRIDE: tl.constexpr,  # row stride of hist (MAX_BINS)
+):
+    """Histogram of digit ``(key >> SHIFT) & (2**BITS - 1)`` over the keys whose higher bits
+    equal the prefix; a grid-stride loop over blocks, one atomic add per program and bin."""
+    pid = tl.program_id(0).to(tl.int64)
+    task = tl.program_id(1).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64)
+    prefix = tl.load(state_ptr + task * 2).to(tl.uint32)
+    hist = tl.zeros([1 << BITS], dtype=tl.int32)
+    # Blocks pid, pid + step, ...; an explicit trip count keeps the block index int64.
+    for i in range(tl.cdiv(total_blocks - pid, step)):
+        b = pid + i * step
+        key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+        if FILTER:
+            mask = mask & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
+        digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
+        hist += tl.histogram(digit, 1 << BITS, mask=mask)
+    tl.atomic_add(hist_ptr + task * NB_STRIDE + tl.arange(0, 1 << BITS), hist.to(tl.int64))
+
+
+@triton.jit
+def _radix_select_kernel(
+    state_ptr,  # int64 [T, 2]: prefix, k_rem; updated
+    hist_ptr,  # int64 [T, MAX_BINS] this pass's histogram
+    SHIFT: tl.constexpr,
+    BITS: tl.constexpr,
+    NB_STRIDE: tl.constexpr,
+):
+    """Pick the digit holding the ``k_rem``-th largest key: the largest ``d`` whose suffix count
+    ``sum_{j >= d} hist[j]`` reaches ``k_rem``; the counts above ``d`` are taken outright."""
+    task = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, 1 << BITS)
+    h = tl.load(hist_ptr + task * NB_STRIDE + idx)
+    prefix = tl.load(state_ptr + task * 2)
+    k_rem = tl.load(state_ptr + task * 2 + 1)
+    suffix = tl.cumsum(h, 0, reverse=True)
+    # k_rem == 0 (k = 0) picks the top digit every pass: the prefix ends above every real key.
+    digit = tl.sum((suffix >= k_rem).to(tl.int64), 0) - 1
+    above = tl.sum(tl.where(idx == digit, suffix - h, 0), 0)
+    tl.store(state_ptr + task * 2, prefix | (digit << SHIFT))
+    tl.store(state_ptr + task * 2 + 1, k_rem - above)
+
+
+@triton.jit
+def _tie_count_kernel(
+    table_ptr,
+    state_ptr,  # int64 [T, 2]: threshold key, ties to take
+    counts_ptr,  # int32 [T, total_blocks] ties per block (written)
+    n_segments,
+    total_blocks,
+    LOG_SEGMENTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Number of entries of each block whose key equals the threshold key."""
+    b = tl.program_id(0).to(tl.int64)
+    task = tl.program_id(1).to(tl.int64)
+    thr = tl.load(state_ptr + task * 2).to(tl.uint32)
+    key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+    ties = (key == thr) & mask
+    tl.store(counts_ptr + task * total_blocks + b, tl.sum(ties.to(tl.int32), 0))
+
+
+@triton.jit
+def _mask_write_kernel(
+    table_ptr,
+    state_ptr,  # int64 [T, 2]: threshold key, ties to take
+    tie_prefix_ptr,  # int64 [T, total_blocks] inclusive cumulative tie counts over blocks
+    words_ptr,  # int32 [T, n_words] packed mask (written)
+    n_segments,
+    total_blocks,
+    n_words,
+    LOG_SEGMENTS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Bits of the block: key > thr, or key == thr with tie rank < ties to take; packed 32 per
+    int32 word (bit ``j % 32`` of word ``j // 32``), padding bits 0."""
+    b = tl.program_id(0).to(tl.int64)
+    task = tl.program_id(1).to(tl.int64)
+    thr = tl.load(state_ptr + task * 2).to(tl.uint32)
+    need = tl.load(state_ptr + task * 2 + 1)
+    key, mask, n, local, word_off = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+    ties = ((key == thr) & mask).to(tl.int32)
+    inclusive = tl.cumsum(ties, 0)
+    first_rank = tl.load(tie_prefix_ptr + task * total_blocks + b) - tl.sum(ties, 0)
+    rank = first_rank + (inclusive - ties).to(tl.int64)
+    selected = ((key > thr) & mask) | ((ties != 0) & (rank < need))
+    bits = tl.reshape(selected.to(tl.int32), [BLOCK // 32, 32]) << tl.arange(0, 32)[None, :]
+    # The 32 terms are distinct powers of two, so their wrapping int32 sum is their bitwise OR.
+    words = tl.sum(bits, 1)
+    widx = local * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+    tl.store(words_ptr + task * n_words + word_off + widx, words, mask=widx < (n + 31) // 32)
+
+
+def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
+    """Packed masks ``[T, W]`` int32 of the ``ks[t]`` largest scores of each task.
+
+    ``scores``: contiguous float32 ``[T, *shape_i]`` (the public function makes them so).
+    """
+    device = scores[0].device
+    num_tasks = scores[0].shape[0]
+    numels = [math.prod(s.shape[1:]) for s in scores]
+    word_counts = [triton.cdiv(n, 32) for n in numels]
+    n_words = sum(word_counts)
+    words = torch.empty(num_tasks, n_words, dtype=torch.int32, device=device)
+    if num_tasks == 0 or n_words == 0:
+        return words
+    block = _utils.block_size("topk")
+    live, word_off = [], 0
+    for s, n, w in zip(scores, numels, word_counts):
+        if n:
+            live.append((s.contiguous(), n, word_off))
+        word_off += w
+    starts, total_blocks = _utils.block_starts([n for _, n, _ in live], block)
+    rows = [(s.data_ptr(), n, first, off) for (s, n, off), first in zip(live, starts)]
+    table = _utils.segment_table(rows, device)
+    log_segments = _utils.log2_ceil(len(rows))
+    warps = _utils.num_warps(block)
+
+    state = torch.tensor([[0, k] for k in ks], dtype=torch.int64, device=device)
+    hist = torch.zeros(len(DIGITS), num_tasks, MAX_BINS, dtype=torch.int64, device=device)
+    programs = _utils.persistent_programs(device, total_blocks)
+    for i, (shift, bits) in enumerate(DIGITS):
+        _radix_histogram_kernel[(programs, num_tasks)](
+            table,
+            state,
+            hist[i],
+            len(rows),
+            total_blocks,
+            SHIFT=shift,
+            BITS=bits,
+            FILTER=i > 0,
+            LOG_SEGMENTS=log_segments,
+            BLOCK=block,
+            NB_STRIDE=MAX_BINS,
+            num_warps=warps,
+        )
+        _radix_select_kernel[(num_tasks,)](state, hist[i], SHIFT=shift, BITS=bits, NB_STRIDE=MAX_BINS)
+
+    counts = torch.empty(num_tasks, total_blocks, dtype=torch.int32, device=device)
+    grid = (total_blocks, num_tasks)
+    _tie_count_kernel[grid](
+        table, state, counts, len(rows), total_blocks, LOG_SEGMENTS=log_segments, BLOCK=block, num_warps=warps
+    )
+    tie_prefix = torch.cumsum(counts, dim=1, dtype=torch.int64)
+    _mask_write_kernel[grid](
+        table,
+        state,
+        tie_prefix,
+        words,
+        len(rows),
+        total_blocks,
+        n_words,
+        LOG_SEGMENTS=log_segments,
+        BLOCK=block,
+        num_warps=warps,
+    )
+    return words
+
+
+@torch.library.custom_op("fsmtl_triton::topk_mask", mutates_args=(), schema="(Tensor[] scores, int[] ks) -> Tensor")
+def topk_mask_op(scores, ks):
+    # custom_op, not triton_op: the segment table holds data pointers (see fisher_accumulate.py).
+    return topk_mask_forward(list(scores), list(ks))
+
+
+@topk_mask_op.register_fake
+def _(scores, ks):
+    n_words = sum((s[0].numel() + 31) // 32 for s in scores)
+    return scores[0].new_empty((scores[0].shape[0], n_words), dtype=torch.int32)
