@@ -1,0 +1,200 @@
+"""The paper's comparison on one benchmark: STL, MTL, RS, FS (and EFS, grad2, absgrad), several
+seeds, keep ratio chosen on validation, results on test (Tables 1-2)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data import Benchmark, Split, load_benchmark
+from .metrics import METRIC_DIRECTION, average_metrics, average_rank
+from .model import MultiTaskModel, count_nonzero_shared
+from .models import build_model
+from .strategies import EqualWeighting, FisherSparse, MaskSchedule, RandomSparse, Strategy
+from .trainer import Trainer
+
+SPARSE_METHODS = ("rs", "fs", "efs", "grad2", "absgrad")
+METHODS = ("stl", "mtl", *SPARSE_METHODS)
+PRIMARY_METRIC = {"binary": "f1", "multiclass": "f1", "segmentation": "miou", "depth": "abs_err", "regression": "mse"}
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one comparison needs; the defaults are ``fsmtl run``'s."""
+
+    benchmark: str = "digits-attributes"
+    benchmark_options: dict = field(default_factory=dict)
+    methods: Sequence[str] = ("stl", "mtl", "rs", "fs")
+    seeds: Sequence[int] = (0, 1, 2)
+    keep_ratios: Sequence[float] = (0.1, 0.5, 0.9)
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 1e-3
+    hidden: int = 128
+    warmup: int = 2
+    update_every: int = 2
+    samples: int = 256
+    mask_forward: bool = False
+    normalize: str = "tasks"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got unknown {unknown}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if any(not 0.0 < p <= 1.0 for p in self.keep_ratios) or not self.keep_ratios:
+            raise ValueError(f"keep_ratios must be non-empty and lie in (0, 1], got {list(self.keep_ratios)}")
+        for name in ("epochs", "batch_size", "hidden", "samples", "update_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"device={self.device!r} is not usable here: {exc}") from None
+
+
+def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> float:
+    """Mean over tasks of each task's primary metric, signed so that higher is better."""
+    scores = []
+    for task, metrics in zip(benchmark.tasks, per_task):
+        name = PRIMARY_METRIC[task.kind]
+        scores.append(metrics[name] if METRIC_DIRECTION[name] else -metrics[name])
+    return sum(scores) / len(scores)
+
+
+def _strategy(method: str, keep_ratio: float, cfg: ExperimentConfig) -> Strategy:
+    if method in ("stl", "mtl"):
+        return EqualWeighting()
+    common = dict(
+        schedule=MaskSchedule(warmup=cfg.warmup, every=cfg.update_every),
+        mask_forward=cfg.mask_forward,
+        normalize=cfg.normalize,
+    )
+    if method == "rs":
+        return RandomSparse(keep_ratio, **common)
+    return FisherSparse(keep_ratio, estimator=method, samples=cfg.samples, **common)
+
+
+def _one_task(split: Split, t: int) -> Split:
+    return Split([split.inputs[t]], [split.targets[t]])
+
+
+def train_once(
+    benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None
+) -> dict:
+    """Train one method with one seed; returns val and test metrics per task, history, mask info."""
+    if method == "stl":
+        runs = []
+        for t, task in enumerate(benchmark.tasks):
+            sub = Benchmark(benchmark.name, [task], True, benchmark.input_shape,
+                            _one_task(benchmark.train, t), _one_task(benchmark.val, t), _one_task(benchmark.test, t))
+            runs.append(train_once(sub, "mtl", seed, 1.0, cfg, progress))
+        return {
+            "val": [r["val"][0] for r in runs],
+            "test": [r["test"][0] for r in runs],
+            "history": [r["history"] for r in runs],
+        }
+    torch.manual_seed(seed)
+    model = build_model(benchmark, hidden=cfg.hidden).to(cfg.device)
+    strategy = _strategy(method, keep_ratio, cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    trainer = Trainer(model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed)
+    history = trainer.fit(benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, progress=progress)
+    result = {"val": trainer.evaluate(benchmark.val), "test": trainer.evaluate(benchmark.test), "history": history}
+    mask = getattr(strategy, "mask", None)
+    if mask is not None:
+        result["mask"] = {
+            "entries": mask.num_entries,
+            "ones": mask.count().tolist(),
+            "overlap": mask.overlap().tolist(),
+        }
+        if cfg.mask_forward:
+            result["mask"]["inference_nonzero_shared"] = [
+                count_nonzero_shared(model.export_task(t, strategy.forward_mask(t)))
+                for t in range(len(benchmark.tasks))
+            ]
+    return result
+
+
+def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
+    sizes = benchmark.train.sizes
+    if method == "stl":
+        return sum(-(-n // cfg.batch_size) for n in sizes) * cfg.epochs
+    return -(-max(sizes) // cfg.batch_size) * cfg.epochs
+
+
+def run_experiment(cfg: ExperimentConfig, *, benchmark: Benchmark | None = None,
+                   progress_factory: Callable[[int], object] | None = None) -> dict:
+    """Run every method of ``cfg`` over its seeds (and keep ratios for the sparse ones).
+
+    For a sparse method, each keep ratio is trained with every seed, the ratio with the best
+    mean validation score (mean over tasks of F-score / mIoU / -abs. error / -MSE) is kept, and
+    its test metrics are reported. Returns a JSON-ready dict.
+    """
+    benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
+    total = sum(
+        steps_per_run(benchmark, m, cfg) * len(cfg.seeds) * (len(cfg.keep_ratios) if m in SPARSE_METHODS else 1)
+        for m in cfg.methods
+    )
+    progress = progress_factory(total) if progress_factory is not None else None
+    started = time.perf_counter()
+    methods = {}
+    try:
+        for method in cfg.methods:
+            ratios = list(cfg.keep_ratios) if method in SPARSE_METHODS else [1.0]
+            candidates = {}
+            for p in ratios:
+                runs = [train_once(benchmark, method, s, p, cfg, progress) for s in cfg.seeds]
+                val = statistics.mean(primary_score(benchmark, r["val"]) for r in runs)
+                candidates[p] = {"val_score": val, "runs": runs}
+            best = max(candidates, key=lambda p: candidates[p]["val_score"])
+            methods[method] = _summarize(method, best, candidates, benchmark)
+    finally:
+        if progress is not None and hasattr(progress, "close"):
+            progress.close()
+    ranked = {m: r["test_mean"] for m, r in methods.items() if m != "stl"}
+    ranks = average_rank(ranked) if len(ranked) > 1 else {m: 1.0 for m in ranked}
+    for m, r in methods.items():
+        r["avg_rank"] = ranks.get(m)
+    return {
+        "config": asdict(cfg),
+        "benchmark": {"name": benchmark.name, "tasks": [asdict(t) for t in benchmark.tasks],
+                      "homogeneous": benchmark.homogeneous, "sizes": {
+                          s: getattr(benchmark, s).sizes for s in ("train", "val", "test")}},
+        "methods": methods,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark) -> dict:
+    runs = candidates[best]["runs"]
+    per_seed = [average_metrics(r["test"]) for r in runs]
+    names = list(per_seed[0])
+    mean = {n: statistics.mean(s[n] for s in per_seed) for n in names}
+    std = {n: statistics.pstdev(s[n] for s in per_seed) for n in names}
+    per_task = [
+        {n: statistics.mean(r["test"][t][n] for r in runs) for n in runs[0]["test"][t]}
+        for t in range(len(benchmark.tasks))
+    ]
+    out = {
+        "keep_ratio": best if method in SPARSE_METHODS else None,
+        "val_scores": {str(p): c["val_score"] for p, c in candidates.items()},
+        "test_mean": mean,
+        "test_std": std,
+        "test_per_task": per_task,
+        "test_per_seed": per_seed,
+        "mask_updates": [r["history"]["mask_updates"] for r in runs] if method in SPARSE_METHODS else [],
+    }
+    if method in SPARSE_METHODS:
+        out["mask"] = runs[0].get("mask")
+    return out

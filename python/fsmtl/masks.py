@@ -1,0 +1,45 @@
+"""Mask computation for use in any training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import fsmtl_kernels as fk
+
+from .data import Task
+from .estimators import task_scores
+from .model import MultiTaskModel
+
+
+def compute_masks(
+    model: MultiTaskModel,
+    tasks: Sequence[Task],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    keep_ratio: float | int,
+    *,
+    estimator: str = "fs",
+    chunk_size: int = 32,
+) -> fk.PackedMask:
+    """Each task's top-``keep_ratio`` trunk entries by ``estimator`` score (Algorithm 2).
+
+    Args:
+        model: the multi-task model (its dense trunk is scored).
+        tasks: the T tasks, in head order.
+        batches: one ``(inputs, targets)`` pair per task, e.g. N sampled training examples.
+        keep_ratio: float in ``(0, 1]`` or int count of kept entries per task.
+        estimator: ``fs``, ``efs``, ``grad2`` or ``absgrad`` (see :mod:`fsmtl.estimators`).
+
+    Returns:
+        A :class:`fsmtl_kernels.PackedMask` with T tasks over ``model.masked_parameters()``.
+    """
+    if len(tasks) != model.num_tasks or len(batches) != model.num_tasks:
+        raise ValueError(
+            f"tasks ({len(tasks)}) and batches ({len(batches)}) must have one entry per head ({model.num_tasks})"
+        )
+    per_task = [
+        task_scores(model, t, task, x, y, estimator, chunk_size=chunk_size)
+        for t, (task, (x, y)) in enumerate(zip(tasks, batches))
+    ]
+    return fk.topk_mask_batched([torch.stack(s) for s in zip(*per_task)], keep_ratio)

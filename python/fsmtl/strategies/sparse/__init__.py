@@ -1,0 +1,1 @@
+"""Sparse-sharing strategies: each task updates only the trunk entries its mask holds."""

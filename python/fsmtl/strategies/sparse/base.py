@@ -1,0 +1,126 @@
+"""Shared machinery of the sparse strategies: mask schedule, masked backward, records."""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+import fsmtl_kernels as fk
+
+from ...gradients import masked_multitask_backward
+from ..base import Strategy
+from .schedule import MaskSchedule
+
+
+class SparseStrategy(Strategy):
+    """Masks ``S_t`` over the masked trunk parameters, updated on a :class:`MaskSchedule`.
+
+    Args:
+        keep_ratio: the fraction p of masked trunk entries each task keeps, in ``(0, 1]``
+            (``k = floor(p * P + 1/2)``), or an int count.
+        schedule: warm-up and update frequency.
+        mask_forward: True runs task t's forward on ``S_t * theta_sh`` (Eq. 3); False keeps the
+            dense forward and masks only the update (Eq. 4).
+        normalize: ``"tasks"`` (divide by T, the paper) or ``"selected"`` (by the number of
+            tasks holding the entry).
+        freeze_unselected: restore, after every optimizer step, the entries no task holds. Without
+            it, an entry outside every mask gets a zero gradient, so plain SGD leaves it alone,
+            but momentum keeps moving it by its old velocity and weight decay shrinks it.
+        batched_grads: compute the T per-task trunk gradients in one batched backward.
+    """
+
+    def __init__(
+        self,
+        keep_ratio: float | int,
+        *,
+        schedule: MaskSchedule | None = None,
+        mask_forward: bool = False,
+        normalize: str = "tasks",
+        freeze_unselected: bool = False,
+        batched_grads: bool = True,
+    ) -> None:
+        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
+            raise TypeError(f"keep_ratio must be a float in (0, 1] or an int count, got {type(keep_ratio).__name__}")
+        if isinstance(keep_ratio, float) and not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+        if normalize not in fk.average.NORMALIZE:
+            raise ValueError(f"normalize must be one of {fk.average.NORMALIZE}, got {normalize!r}")
+        self.keep_ratio = keep_ratio
+        self.schedule = schedule if schedule is not None else MaskSchedule()
+        if not isinstance(self.schedule, MaskSchedule):
+            raise TypeError("schedule must be a MaskSchedule")
+        self.mask_forward = bool(mask_forward)
+        self.normalize = normalize
+        self.freeze_unselected = bool(freeze_unselected)
+        self.batched_grads = bool(batched_grads)
+        self.mask: fk.PackedMask | None = None
+        self._float_masks: list[torch.Tensor] | None = None
+        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @abstractmethod
+    def compute_mask(self) -> fk.PackedMask:
+        """New masks for all tasks, from the current model."""
+
+    def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
+        if not self.schedule.due(epoch, step, epoch_start):
+            return None
+        return self.update_mask(epoch, step)
+
+    def update_mask(self, epoch: int = -1, step: int = -1) -> dict:
+        """Recompute the masks now; returns the record (ones, churn, overlap) of this update."""
+        new = self.compute_mask()
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "ones": new.count().tolist(),
+            "churn": mask_churn(self.mask, new) if self.mask is not None else None,
+            "overlap": new.overlap().tolist(),
+        }
+        self.set_mask(new)
+        return record
+
+    def set_mask(self, mask: fk.PackedMask) -> None:
+        params = self.context.model.masked_parameters()
+        if mask.shapes != tuple(p.shape for p in params):
+            raise ValueError("mask does not cover the model's masked parameters")
+        self.mask = mask
+        self._float_masks = None
+        if self.mask_forward:
+            self._float_masks = [m.to(p.dtype) for m, p in zip(mask.to_bool_stacked(), params)]
+
+    def forward_mask(self, task: int) -> list[torch.Tensor] | None:
+        if self._float_masks is None:
+            return None
+        return [m[task] for m in self._float_masks]
+
+    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+        model = self.context.model
+        masked_multitask_backward(
+            losses,
+            model.masked_parameters(),
+            self.mask,
+            dense_params=model.dense_shared_parameters(),
+            head_params=model.head_parameters(),
+            normalize=self.normalize,
+            batched=self.batched_grads,
+        )
+
+    def before_optimizer_step(self) -> None:
+        if not self.freeze_unselected or self.mask is None:
+            return
+        union = [m.any(0) for m in self.mask.to_bool_stacked()]
+        self._frozen = [(p, p.detach().clone(), u) for p, u in zip(self.context.model.masked_parameters(), union)]
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            for p, saved, selected in self._frozen:
+                p.copy_(torch.where(selected, p, saved))
+        self._frozen = []
+
+
+def mask_churn(old: fk.PackedMask, new: fk.PackedMask) -> list[float]:
+    """Per task, the fraction of the new mask's ones that were not in the old mask."""
+    changed = fk.mask._popcount(new.words & ~old.words).sum(1).double()
+    return (changed / new.count().clamp_min(1).double()).tolist()

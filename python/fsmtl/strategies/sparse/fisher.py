@@ -1,0 +1,40 @@
+"""FS / EFS: masks from the top-K Fisher information of each task (paper Eq. 9-11, Algorithm 2)."""
+
+from __future__ import annotations
+
+import fsmtl_kernels as fk
+
+from ...estimators import ESTIMATORS
+from ...masks import compute_masks
+from .base import SparseStrategy
+
+
+class FisherSparse(SparseStrategy):
+    """Fisher sparse multi-task learning.
+
+    At every mask update, each task draws ``samples`` training examples, scores the masked
+    trunk entries with ``estimator`` (``fs`` Eq. 10, ``efs`` Eq. 9, ``grad2``/``absgrad``
+    Algorithm 2) on the dense trunk, and keeps its top ``keep_ratio`` entries
+    (:func:`fsmtl_kernels.topk_mask_batched`, exact k, ties by position).
+
+    Other arguments as :class:`~fsmtl.strategies.sparse.base.SparseStrategy`.
+    """
+
+    def __init__(self, keep_ratio: float | int, *, estimator: str = "fs", samples: int = 256, chunk_size: int = 32,
+                 **kwargs) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive int, got {samples!r}")
+        super().__init__(keep_ratio, **kwargs)
+        self.estimator = estimator
+        self.samples = samples
+        self.chunk_size = chunk_size
+        self.name = estimator
+
+    def compute_mask(self) -> fk.PackedMask:
+        ctx = self.context
+        batches = [ctx.sample(t, self.samples) for t in range(len(ctx.tasks))]
+        return compute_masks(
+            ctx.model, ctx.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size
+        )

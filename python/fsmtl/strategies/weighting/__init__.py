@@ -1,0 +1,1 @@
+"""Dense-sharing strategies: every task updates every shared parameter."""

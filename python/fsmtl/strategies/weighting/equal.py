@@ -1,0 +1,28 @@
+"""MTL with equal task weights: the shared update is the average of the task gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..base import Strategy
+
+
+class EqualWeighting(Strategy):
+    """Dense MTL (the paper's "MTL" baseline, and "STL" on a one-task model).
+
+    The shared trunk gets ``1/T sum_t grad L_t`` and each head its own ``grad L_t``, in one
+    backward pass; this equals :class:`~fsmtl.strategies.FisherSparse` with every mask full.
+    """
+
+    name = "mtl"
+
+    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+        model = self.context.model
+        torch.stack([loss.reshape(()) for loss in losses]).sum().backward()
+        num_tasks = len(losses)
+        with torch.no_grad():
+            for p in model.shared_parameters():
+                if p.grad is not None:
+                    p.grad.div_(num_tasks)
