@@ -1,0 +1,73 @@
+// Fisher accumulation on CPU: F_i += scale * sum_n g_in^2 (per-sample [N, *shape_i]) or
+// F_i += scale * g_i^2 (batch), over every parameter in one parallel loop.
+//
+// Bytes moved: the gradients once (N * P * sizeof(grad)) plus the Fisher buffers read and
+// written once (8 * P). No temporary the size of the gradients: each block of entries is
+// accumulated in a stack buffer across the N sample rows, then added to F.
+#include "common.h"
+
+namespace fsmtl {
+namespace {
+
+constexpr int64_t kFisherBlock = 1024;  // 4 KiB of float32 accumulators: stays in L1
+
+template <typename T>
+void accumulate_block(const T* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len, float scale) {
+  float acc[kFisherBlock];
+  for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
+  for (int64_t s = 0; s < samples; ++s) {
+    const T* row = grad + s * row_stride;
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = to_float(row[j]);
+      acc[j] += v * v;
+    }
+  }
+  for (int64_t j = 0; j < len; ++j) fisher[j] += scale * acc[j];
+}
+
+}  // namespace
+
+void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double scale, bool per_sample) {
+  TORCH_CHECK(fisher.size() == grads.size(), "fisher_accumulate: fisher has ", fisher.size(), " tensors but grads has ",
+              grads.size());
+  std::vector<int64_t> numels;
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    const auto& f = fisher[i];
+    const auto& g = grads[i];
+    TORCH_CHECK(f.device().is_cpu() && g.device().is_cpu(), "fisher_accumulate: tensors must be on the CPU");
+    TORCH_CHECK(f.scalar_type() == at::kFloat, "fisher_accumulate: fisher[", i, "] must be float32");
+    TORCH_CHECK(f.is_contiguous() && g.is_contiguous(), "fisher_accumulate: tensors must be contiguous");
+    const auto st = g.scalar_type();
+    TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fisher_accumulate: grads[", i,
+                "] must be float32, float16 or bfloat16");
+    const int64_t rows = per_sample ? (g.dim() > 0 ? g.size(0) : 0) : 1;
+    TORCH_CHECK(g.numel() == rows * f.numel() && (!per_sample || g.dim() == f.dim() + 1),
+                "fisher_accumulate: grads[", i, "] does not match fisher[", i, "]");
+    numels.push_back(f.numel());
+  }
+  const auto blocks = make_blocks(numels, kFisherBlock);
+  const float scale_f = static_cast<float>(scale);
+  // Each block touches only its own Fisher entries, so blocks run in any order on any thread.
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const Block& blk = blocks[b];
+      const at::Tensor& g = grads[blk.param];
+      const int64_t n = numels[blk.param];
+      const int64_t samples = per_sample ? g.size(0) : 1;
+      float* f = fisher[blk.param].data_ptr<float>() + blk.begin;
+      const int64_t len = blk.end - blk.begin;
+      switch (g.scalar_type()) {
+        case at::kHalf:
+          accumulate_block(g.const_data_ptr<c10::Half>() + blk.begin, n, samples, f, len, scale_f);
+          break;
+        case at::kBFloat16:
+          accumulate_block(g.const_data_ptr<c10::BFloat16>() + blk.begin, n, samples, f, len, scale_f);
+          break;
+        default:
+          accumulate_block(g.const_data_ptr<float>() + blk.begin, n, samples, f, len, scale_f);
+      }
+    }
+  });
+}
+
+}  // namespace fsmtl

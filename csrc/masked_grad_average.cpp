@@ -1,0 +1,122 @@
+// Masked multi-task gradient average on CPU (paper Eq. 4 / the shared update of Eq. 12):
+//   out_i = sum_t S_ti * g_ti / T                  (normalize "tasks")
+//   out_i = sum_t S_ti * g_ti / sum_t S_ti, 0 if none selected   (normalize "selected")
+// in one pass over the entries: each block of entries reads the T gradient rows and the T mask
+// words once and writes the output once, summing in float32.
+//
+// Bytes moved: T * P * sizeof(grad) + T * P / 8 (mask) read, P * sizeof(out) written.
+// As in the reference, a masked-out entry contributes g * 0 (so an inf gradient gives NaN).
+#include "common.h"
+
+namespace fsmtl {
+namespace {
+
+constexpr int64_t kAverageBlock = 2048;  // entries per block (64 mask words per task)
+
+template <typename G, typename O>
+void average_block(const G* grad, int64_t task_stride, int64_t tasks, const int32_t* words, int64_t word_stride,
+                   int64_t len, bool selected, O* out) {
+  float acc[kAverageBlock];
+  float cnt[kAverageBlock];
+  for (int64_t j = 0; j < len; ++j) {
+    acc[j] = 0.0f;
+    cnt[j] = 0.0f;
+  }
+  for (int64_t t = 0; t < tasks; ++t) {
+    const G* g = grad + t * task_stride;
+    const int32_t* w = words + t * word_stride;
+    for (int64_t base = 0; base < len; base += 32) {
+      const uint32_t word = static_cast<uint32_t>(w[base / 32]);
+      const int64_t n = std::min<int64_t>(32, len - base);
+      for (int64_t j = 0; j < n; ++j) {
+        const float bit = static_cast<float>((word >> j) & 1u);
+        acc[base + j] += to_float(g[base + j]) * bit;
+        cnt[base + j] += bit;
+      }
+    }
+  }
+  if (selected) {
+    for (int64_t j = 0; j < len; ++j) out[j] = from_float<O>(cnt[j] > 0.0f ? acc[j] / cnt[j] : 0.0f);
+  } else {
+    const float num_tasks = static_cast<float>(tasks);
+    for (int64_t j = 0; j < len; ++j) out[j] = from_float<O>(acc[j] / num_tasks);
+  }
+}
+
+template <typename G>
+void average_block_out(const G* grad, int64_t task_stride, int64_t tasks, const int32_t* words, int64_t word_stride,
+                       int64_t len, bool selected, at::Tensor& out, int64_t begin) {
+  switch (out.scalar_type()) {
+    case at::kHalf:
+      average_block(grad, task_stride, tasks, words, word_stride, len, selected, out.data_ptr<c10::Half>() + begin);
+      break;
+    case at::kBFloat16:
+      average_block(grad, task_stride, tasks, words, word_stride, len, selected,
+                    out.data_ptr<c10::BFloat16>() + begin);
+      break;
+    case at::kDouble:
+      average_block(grad, task_stride, tasks, words, word_stride, len, selected, out.data_ptr<double>() + begin);
+      break;
+    default:
+      average_block(grad, task_stride, tasks, words, word_stride, len, selected, out.data_ptr<float>() + begin);
+  }
+}
+
+}  // namespace
+
+void masked_grad_average_cpu(at::TensorList grads, const at::Tensor& words, at::IntArrayRef word_offsets,
+                             bool selected, at::TensorList out) {
+  TORCH_CHECK(grads.size() == out.size() && grads.size() == word_offsets.size(),
+              "masked_grad_average: grads, word_offsets and out must have the same length");
+  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.dim() == 2 && words.is_contiguous(),
+              "masked_grad_average: words must be a contiguous int32 CPU tensor [T, W]");
+  const int64_t tasks = words.size(0);
+  const int64_t n_words = words.size(1);
+  TORCH_CHECK(tasks > 0, "masked_grad_average: the mask has no task");
+  std::vector<int64_t> numels;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto& g = grads[i];
+    const auto& o = out[i];
+    TORCH_CHECK(g.device().is_cpu() && o.device().is_cpu(), "masked_grad_average: tensors must be on the CPU");
+    TORCH_CHECK(g.is_contiguous() && o.is_contiguous(), "masked_grad_average: grads[", i, "] and out[", i,
+                "] must be contiguous");
+    const auto gt = g.scalar_type();
+    const auto ot = o.scalar_type();
+    TORCH_CHECK(gt == at::kFloat || gt == at::kHalf || gt == at::kBFloat16, "masked_grad_average: grads[", i,
+                "] must be float32, float16 or bfloat16");
+    TORCH_CHECK(ot == at::kFloat || ot == at::kHalf || ot == at::kBFloat16 || ot == at::kDouble,
+                "masked_grad_average: out[", i, "] must be float64, float32, float16 or bfloat16");
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == tasks && g.numel() == tasks * o.numel(), "masked_grad_average: grads[",
+                i, "] must be [T, *out[", i, "].shape]");
+    TORCH_CHECK(word_offsets[i] >= 0 && word_offsets[i] + (o.numel() + 31) / 32 <= n_words,
+                "masked_grad_average: word_offsets[", i, "] is out of range");
+    numels.push_back(o.numel());
+  }
+  const auto blocks = make_blocks(numels, kAverageBlock);
+  const int32_t* w = words.const_data_ptr<int32_t>();
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const Block& blk = blocks[b];
+      const at::Tensor& g = grads[blk.param];
+      at::Tensor o = out[blk.param];
+      const int64_t n = numels[blk.param];
+      const int32_t* bw = w + word_offsets[blk.param] + blk.begin / 32;
+      const int64_t len = blk.end - blk.begin;
+      switch (g.scalar_type()) {
+        case at::kHalf:
+          average_block_out(g.const_data_ptr<c10::Half>() + blk.begin, n, tasks, bw, n_words, len, selected, o,
+                            blk.begin);
+          break;
+        case at::kBFloat16:
+          average_block_out(g.const_data_ptr<c10::BFloat16>() + blk.begin, n, tasks, bw, n_words, len, selected, o,
+                            blk.begin);
+          break;
+        default:
+          average_block_out(g.const_data_ptr<float>() + blk.begin, n, tasks, bw, n_words, len, selected, o,
+                            blk.begin);
+      }
+    }
+  });
+}
+
+}  // namespace fsmtl

@@ -1,0 +1,344 @@
+// Exact top-K over a list of float32 score tensors by radix select, batched over tasks, written
+// as the packed mask of fsmtl_kernels/mask.py (per-parameter word-aligned int32 words, bit j % 32
+// of word j / 32, little-endian).
+//
+// Per task: scores become order-preserving uint32 keys (never stored). Three digits of 11, 11 and
+// 10 bits are resolved most significant first; each pass builds per-thread histograms of the
+// current digit over the keys that share the digits found so far, and the selection stops as
+// soon as the bucket holding the k-th largest key is taken whole (early exit). When that bucket
+// is small after the first pass, its keys and positions are copied out during the second pass so
+// the remaining passes touch only them. Ties at the threshold are taken in position order
+// (parameter order, then flat index): the candidates are kept in position order, so the last tie
+// taken is found by one scan; otherwise per-block tie counts are prefix-summed.
+//
+// Bytes moved: 2 to 4 reads of the scores (4 * P each) plus the mask (P / 8) written once.
+#include "common.h"
+
+namespace fsmtl {
+namespace {
+
+constexpr int64_t kTopkBlock = 8192;             // entries per block: 256 mask words
+constexpr int64_t kMinChunk = 1 << 16;           // below this many entries per thread, fewer threads
+constexpr int kDigitBits[3] = {11, 11, 10};      // most significant first
+constexpr int kDigitShift[3] = {21, 10, 0};
+constexpr int kBuckets = 1 << 11;
+constexpr int kSubHists = 4;                     // interleaved sub-histograms hide store-to-load stalls on runs of equal digits
+
+struct Params {
+  std::vector<const float*> data;  // task t's scores of parameter i: data[i] + t * numels[i]
+  std::vector<int64_t> numels;
+  std::vector<int64_t> word_offsets;
+};
+
+// Histogram of digit `d` of the keys in x[0, n) whose bits above that digit equal `prefix`
+// (all keys when d == 0). Counts are added into h (kSubHists x kBuckets, uint32).
+template <int D>
+void histogram(const float* x, int64_t n, uint32_t prefix, uint32_t* h) {
+  constexpr int shift = kDigitShift[D];
+  constexpr uint32_t dmask = (1u << kDigitBits[D]) - 1u;
+  int64_t j = 0;
+  for (; j + kSubHists <= n; j += kSubHists) {
+    for (int s = 0; s < kSubHists; ++s) {
+      const uint32_t key = float_key(x[j + s]);
+      if constexpr (D == 0) {
+        h[s * kBuckets + (key >> shift)]++;
+      } else if ((key >> (shift + kDigitBits[D])) == prefix) {
+        h[s * kBuckets + ((key >> shift) & dmask)]++;
+      }
+    }
+  }
+  for (; j < n; ++j) {
+    const uint32_t key = float_key(x[j]);
+    if constexpr (D == 0) {
+      h[key >> shift]++;
+    } else if ((key >> (shift + kDigitBits[D])) == prefix) {
+      h[(key >> shift) & dmask]++;
+    }
+  }
+}
+
+// Like histogram<1> but also appends the matching keys and their global positions, in order.
+void histogram_collect(const float* x, int64_t n, int64_t pos, uint32_t prefix, uint32_t* h, uint32_t* keys,
+                       int64_t* positions, int64_t& count) {
+  constexpr int shift = kDigitShift[1];
+  constexpr uint32_t dmask = (1u << kDigitBits[1]) - 1u;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = float_key(x[j]);
+    if ((key >> (shift + kDigitBits[1])) == prefix) {
+      h[(j & (kSubHists - 1)) * kBuckets + ((key >> shift) & dmask)]++;
+      keys[count] = key;
+      positions[count] = pos + j;
+      ++count;
+    }
+  }
+}
+
+// Number of keys in x[0, n) equal to `thr`.
+int64_t count_equal(const float* x, int64_t n, uint32_t thr) {
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) c += float_key(x[j]) == thr;
+  return c;
+}
+
+// Mask words of one block: bit j is set iff key_j > gt, or key_j == eq and position_j <= last_pos.
+// `first` is the position of x[0]; x[0] starts a word.
+void write_words(const float* x, int64_t n, int64_t first, uint32_t gt, uint32_t eq, int64_t last_pos,
+                 int32_t* words) {
+  const int64_t n_words = (n + 31) / 32;
+  for (int64_t w = 0; w < n_words; ++w) {
+    const float* xw = x + w * 32;
+    const int64_t len = std::min<int64_t>(32, n - w * 32);
+    // Entries j <= tie_limit of this word are at or before last_pos.
+    const int64_t tie_limit = std::clamp<int64_t>(last_pos - (first + w * 32), -1, 31);
+    uint32_t word = 0;
+    if (len == 32) {
+      for (int j = 0; j < 32; ++j) {
+        const uint32_t key = float_key(xw[j]);
+        const uint32_t bit = (key > gt) | ((key == eq) & (j <= tie_limit));
+        word |= bit << j;
+      }
+    } else {
+      for (int j = 0; j < len; ++j) {
+        const uint32_t key = float_key(xw[j]);
+        const uint32_t bit = (key > gt) | ((key == eq) & (j <= tie_limit));
+        word |= bit << j;
+      }
+    }
+    words[w] = static_cast<int32_t>(word);
+  }
+}
+
+class TaskSelector {
+ public:
+  TaskSelector(const Params& p, const std::vector<Block>& blocks, const std::vector<int64_t>& chunks, int64_t total)
+      : p_(p), blocks_(blocks), chunks_(chunks), total_(total), n_chunks_(static_cast<int64_t>(chunks.size()) - 1) {}
+
+  // Writes task t's mask with exactly k ones into words (one row of [T, W]).
+  void run(int64_t t, int64_t k, int32_t* words) {
+    t_ = t;
+    if (k == 0) {
+      write_mask(words, 0xFFFFFFFFu, 0xFFFFFFFFu, -1);  // nothing is above the largest key, no tie is taken
+      return;
+    }
+    if (k == total_) {
+      write_mask(words, 0u, 0u, INT64_MAX);  // every key is > 0 or == 0 (taken)
+      return;
+    }
+    int64_t need = k;        // entries still to take among keys that match `prefix`
+    uint32_t prefix = 0;     // the digits resolved so far
+    int64_t in_bucket = 0;   // keys matching `prefix`
+    bool compacted = false;
+    std::vector<std::vector<uint32_t>> cand_keys;
+    std::vector<std::vector<int64_t>> cand_pos;
+    std::vector<int64_t> chunk_counts(n_chunks_, 0);  // per chunk, keys in the chosen bucket
+
+    for (int d = 0; d < 3; ++d) {
+      std::vector<int64_t> hist(static_cast<size_t>(n_chunks_) * kBuckets, 0);
+      if (d == 0) {
+        full_pass<0>(prefix, hist);
+      } else if (d == 1 && in_bucket <= std::max<int64_t>(total_ / 8, 1 << 16)) {
+        // Small bucket: copy its keys out now so that digit 2 and the ties read only them.
+        collect_pass(prefix, chunk_counts, hist, cand_keys, cand_pos);
+        compacted = true;
+      } else if (compacted) {
+        candidate_pass(prefix, hist, cand_keys);
+      } else if (d == 1) {
+        full_pass<1>(prefix, hist);
+      } else {
+        full_pass<2>(prefix, hist);
+      }
+      // Walk the buckets from the largest key down to the one holding the need-th key.
+      const int buckets = 1 << kDigitBits[d];
+      int64_t above = 0;
+      int bucket = buckets - 1;
+      for (;; --bucket) {
+        int64_t c = 0;
+        for (int64_t ch = 0; ch < n_chunks_; ++ch) c += hist[ch * kBuckets + bucket];
+        if (above + c >= need) {
+          in_bucket = c;
+          for (int64_t ch = 0; ch < n_chunks_; ++ch) chunk_counts[ch] = hist[ch * kBuckets + bucket];
+          break;
+        }
+        above += c;
+      }
+      need -= above;
+      prefix = (prefix << kDigitBits[d]) | static_cast<uint32_t>(bucket);
+      if (need == in_bucket) {
+        // Early exit: the whole bucket is taken, so the mask is every key >= its smallest key.
+        const uint32_t lowest = prefix << kDigitShift[d];
+        write_mask(words, lowest - 1u, lowest, -1);  // lowest > 0 here, since k < P
+        return;
+      }
+    }
+    // prefix is now the exact k-th largest key; `need` of its `in_bucket` ties are taken.
+    const uint32_t thr = prefix;
+    const int64_t last_pos =
+        compacted ? last_tie_in_candidates(thr, need, cand_keys, cand_pos) : last_tie_by_blocks(thr, need);
+    write_mask(words, thr, thr, last_pos);
+  }
+
+ private:
+  const float* block_data(const Block& b) const { return p_.data[b.param] + t_ * p_.numels[b.param] + b.begin; }
+
+  template <typename F>
+  void for_chunks(const F& f) const {
+    at::parallel_for(0, n_chunks_, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t c = lo; c < hi; ++c) f(c);
+    });
+  }
+
+  // Sums the kSubHists interleaved uint32 histograms of one chunk into its int64 row.
+  static void flush(uint32_t* local, int64_t* row, int buckets) {
+    for (int s = 0; s < kSubHists; ++s) {
+      for (int b = 0; b < buckets; ++b) {
+        row[b] += local[s * kBuckets + b];
+        local[s * kBuckets + b] = 0;
+      }
+    }
+  }
+
+  template <int D>
+  void full_pass(uint32_t prefix, std::vector<int64_t>& hist) const {
+    for_chunks([&](int64_t c) {
+      std::vector<uint32_t> local(kSubHists * kBuckets, 0);
+      int64_t since_flush = 0;
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1]; ++b) {
+        const Block& blk = blocks_[b];
+        histogram<D>(block_data(blk), blk.end - blk.begin, prefix, local.data());
+        since_flush += blk.end - blk.begin;
+        if (since_flush > (int64_t{1} << 31)) {  // keep every uint32 counter below overflow
+          flush(local.data(), hist.data() + c * kBuckets, kBuckets);
+          since_flush = 0;
+        }
+      }
+      flush(local.data(), hist.data() + c * kBuckets, kBuckets);
+    });
+  }
+
+  // Digit 1 over all keys, copying the keys that match the first digit (and their positions) into
+  // per-chunk buffers sized exactly from the first pass's per-chunk counts.
+  void collect_pass(uint32_t prefix, const std::vector<int64_t>& chunk_counts, std::vector<int64_t>& hist,
+                    std::vector<std::vector<uint32_t>>& keys, std::vector<std::vector<int64_t>>& positions) const {
+    keys.assign(n_chunks_, {});
+    positions.assign(n_chunks_, {});
+    for_chunks([&](int64_t c) {
+      std::vector<uint32_t> local(kSubHists * kBuckets, 0);
+      auto& ck = keys[c];
+      auto& cp = positions[c];
+      ck.resize(chunk_counts[c]);
+      cp.resize(chunk_counts[c]);
+      int64_t count = 0;
+      int64_t since_flush = 0;
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1]; ++b) {
+        const Block& blk = blocks_[b];
+        const int64_t n = blk.end - blk.begin;
+        histogram_collect(block_data(blk), n, blk.pos, prefix, local.data(), ck.data(), cp.data(), count);
+        since_flush += n;
+        if (since_flush > (int64_t{1} << 31)) {
+          flush(local.data(), hist.data() + c * kBuckets, kBuckets);
+          since_flush = 0;
+        }
+      }
+      flush(local.data(), hist.data() + c * kBuckets, kBuckets);
+    });
+  }
+
+  // Digit 2 over the collected candidates (they all match the first digit).
+  void candidate_pass(uint32_t prefix, std::vector<int64_t>& hist,
+                      const std::vector<std::vector<uint32_t>>& keys) const {
+    constexpr uint32_t dmask = (1u << kDigitBits[2]) - 1u;
+    for_chunks([&](int64_t c) {
+      int64_t* row = hist.data() + c * kBuckets;
+      for (const uint32_t key : keys[c]) {
+        if ((key >> kDigitBits[2]) == prefix) row[key & dmask]++;
+      }
+    });
+  }
+
+  // Position of the need-th key equal to thr, scanning the candidates in position order.
+  static int64_t last_tie_in_candidates(uint32_t thr, int64_t need, const std::vector<std::vector<uint32_t>>& keys,
+                                        const std::vector<std::vector<int64_t>>& positions) {
+    for (size_t c = 0; c < keys.size(); ++c) {
+      for (size_t j = 0; j < keys[c].size(); ++j) {
+        if (keys[c][j] == thr && --need == 0) return positions[c][j];
+      }
+    }
+    TORCH_CHECK(false, "topk_mask: internal error, fewer ties than counted");
+  }
+
+  // Same, without candidates: per-block tie counts (parallel), a prefix sum to find the block of
+  // the need-th tie, then a scan of that block.
+  int64_t last_tie_by_blocks(uint32_t thr, int64_t need) const {
+    std::vector<int64_t> ties(blocks_.size(), 0);
+    for_chunks([&](int64_t c) {
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1]; ++b) {
+        ties[b] = count_equal(block_data(blocks_[b]), blocks_[b].end - blocks_[b].begin, thr);
+      }
+    });
+    for (size_t b = 0; b < blocks_.size(); ++b) {
+      if (ties[b] < need) {
+        need -= ties[b];
+        continue;
+      }
+      const float* x = block_data(blocks_[b]);
+      for (int64_t j = 0;; ++j) {
+        if (float_key(x[j]) == thr && --need == 0) return blocks_[b].pos + j;
+      }
+    }
+    TORCH_CHECK(false, "topk_mask: internal error, fewer ties than counted");
+  }
+
+  void write_mask(int32_t* words, uint32_t gt, uint32_t eq, int64_t last_pos) const {
+    for_chunks([&](int64_t c) {
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1]; ++b) {
+        const Block& blk = blocks_[b];
+        int32_t* out = words + p_.word_offsets[blk.param] + blk.begin / 32;
+        write_words(block_data(blk), blk.end - blk.begin, blk.pos, gt, eq, last_pos, out);
+      }
+    });
+  }
+
+  const Params& p_;
+  const std::vector<Block>& blocks_;
+  const std::vector<int64_t>& chunks_;
+  const int64_t total_;
+  const int64_t n_chunks_;
+  int64_t t_ = 0;
+};
+
+}  // namespace
+
+at::Tensor topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks) {
+  TORCH_CHECK(!scores.empty(), "topk_mask: scores must not be empty");
+  const int64_t num_tasks = scores[0].dim() > 0 ? scores[0].size(0) : 0;
+  TORCH_CHECK(static_cast<int64_t>(ks.size()) == num_tasks, "topk_mask: ks has ", ks.size(), " entries but there are ",
+              num_tasks, " tasks");
+  Params p;
+  int64_t total = 0;
+  int64_t n_words = 0;
+  for (size_t i = 0; i < scores.size(); ++i) {
+    const auto& s = scores[i];
+    TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous(), "topk_mask: scores[", i,
+                "] must be a contiguous float32 CPU tensor");
+    TORCH_CHECK(s.dim() >= 1 && s.size(0) == num_tasks, "topk_mask: scores[", i, "] must be [T, ...] with T = ",
+                num_tasks);
+    const int64_t n = num_tasks ? s.numel() / num_tasks : 0;
+    p.data.push_back(s.const_data_ptr<float>());
+    p.numels.push_back(n);
+    p.word_offsets.push_back(n_words);
+    total += n;
+    n_words += (n + 31) / 32;
+  }
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    TORCH_CHECK(ks[t] >= 0 && ks[t] <= total, "topk_mask: ks[", t, "]=", ks[t], " is out of range [0, ", total, "]");
+  }
+  at::Tensor words = at::empty({num_tasks, n_words}, scores[0].options().dtype(at::kInt));
+  if (total == 0 || num_tasks == 0) return words;
+  const auto blocks = make_blocks(p.numels, kTopkBlock);
+  const auto chunks = make_chunks(blocks, total, at::get_num_threads(), kMinChunk);
+  TaskSelector selector(p, blocks, chunks, total);
+  for (int64_t t = 0; t < num_tasks; ++t) selector.run(t, ks[t], words.data_ptr<int32_t>() + t * n_words);
+  return words;
+}
+
+}  // namespace fsmtl
