@@ -54,7 +54,7 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
     device = fisher[0].device
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     keep = []  # contiguous copies stay alive until their kernels are enqueued
-    for f, g in zip(fisher, grads):
+    for f, g in zip(fisher, grads, strict=True):
         if f.numel() == 0 or n_samples == 0:
             continue
         g = g.contiguous()
@@ -63,7 +63,7 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
         groups.setdefault(g.dtype, []).append((f, work, g))
     for dtype, items in groups.items():
         starts, total_blocks = _utils.block_starts([w.numel() for _, w, _ in items], block)
-        rows = [(w.data_ptr(), g.data_ptr(), w.numel(), s) for (_, w, g), s in zip(items, starts)]
+        rows = [(w.data_ptr(), g.data_ptr(), w.numel(), s) for (_, w, g), s in zip(items, starts, strict=True)]
         table = _utils.segment_table(rows, device)
         _fisher_accumulate_kernel[(total_blocks,)](
             table,

@@ -58,7 +58,9 @@ def _masked_grad_average_kernel(
     tl.store(o_ptr + offs, avg.to(O_DTYPE), mask=mask)
 
 
-def masked_grad_average_forward(grads: list[torch.Tensor], words: torch.Tensor, normalize: str, out: list[torch.Tensor]):
+def masked_grad_average_forward(
+    grads: list[torch.Tensor], words: torch.Tensor, normalize: str, out: list[torch.Tensor]
+) -> None:
     """Write the masked average of ``grads`` (``[T, *shape_i]``) into ``out`` (``shape_i``).
 
     One launch per distinct (gradient dtype, output dtype) pair, normally one. A non-contiguous
@@ -69,7 +71,7 @@ def masked_grad_average_forward(grads: list[torch.Tensor], words: torch.Tensor, 
     num_tasks, n_words = words.shape
     groups: dict[tuple[torch.dtype, torch.dtype], list] = {}
     word_off = 0
-    for g, o in zip(grads, out):
+    for g, o in zip(grads, out, strict=True):
         n = o.numel()
         if n:
             work = o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=o.device)
@@ -78,7 +80,9 @@ def masked_grad_average_forward(grads: list[torch.Tensor], words: torch.Tensor, 
     words = words.contiguous()
     for (g_dtype, o_dtype), items in groups.items():
         starts, total_blocks = _utils.block_starts([o.numel() for _, o, _, _ in items], block)
-        rows = [(g.data_ptr(), w.data_ptr(), w.numel(), s, off) for (g, _, w, off), s in zip(items, starts)]
+        rows = [
+            (g.data_ptr(), w.data_ptr(), w.numel(), s, off) for (g, _, w, off), s in zip(items, starts, strict=True)
+        ]
         table = _utils.segment_table(rows, device)
         _masked_grad_average_kernel[(total_blocks,)](
             table,

@@ -176,12 +176,12 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
         return words
     block = _utils.block_size("topk")
     live, word_off = [], 0
-    for s, n, w in zip(scores, numels, word_counts):
+    for s, n, w in zip(scores, numels, word_counts, strict=True):
         if n:
             live.append((s.contiguous(), n, word_off))
         word_off += w
     starts, total_blocks = _utils.block_starts([n for _, n, _ in live], block)
-    rows = [(s.data_ptr(), n, first, off) for (s, n, off), first in zip(live, starts)]
+    rows = [(s.data_ptr(), n, first, off) for (s, n, off), first in zip(live, starts, strict=True)]
     table = _utils.segment_table(rows, device)
     log_segments = _utils.log2_ceil(len(rows))
     warps = _utils.num_warps(block)
