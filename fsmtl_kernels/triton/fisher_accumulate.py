@@ -53,13 +53,11 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
     n_samples = grads[0].shape[0] if per_sample else 1
     device = fisher[0].device
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    keep = []  # contiguous copies stay alive until their kernels are enqueued
     for f, g in zip(fisher, grads, strict=True):
         if f.numel() == 0 or n_samples == 0:
             continue
         g = g.contiguous()
         work = f if f.is_contiguous() else f.contiguous()
-        keep.append(g)
         groups.setdefault(g.dtype, []).append((f, work, g))
     for dtype, items in groups.items():
         starts, total_blocks = _utils.block_starts([w.numel() for _, w, _ in items], block)
@@ -78,7 +76,6 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
         for f, work, _ in items:
             if work is not f:
                 f.copy_(work)
-    del keep
 
 
 @torch.library.custom_op(
