@@ -14,6 +14,9 @@
 // Bytes moved: 2 to 4 reads of the scores (4 * P each) plus the mask (P / 8) written once.
 #include "common.h"
 
+#include <cmath>
+#include <limits>
+
 namespace fsmtl {
 namespace {
 
@@ -22,7 +25,10 @@ constexpr int64_t kMinChunk = 1 << 16;           // below this many entries per 
 constexpr int kDigitBits[3] = {11, 11, 10};      // most significant first
 constexpr int kDigitShift[3] = {21, 10, 0};
 constexpr int kBuckets = 1 << 11;
-constexpr int kSubHists = 4;                     // interleaved sub-histograms hide store-to-load stalls on runs of equal digits
+// Interleaved sub-histograms hide store-to-load stalls on runs of equal digits.
+constexpr int kSubHists = 4;
+constexpr int64_t kSampleRuns = 4096;              // the bracket's sample: 4096 runs of 16 keys
+constexpr int64_t kMinSampled = int64_t{1} << 18;  // below this many entries, the full radix select is as fast
 
 struct Params {
   std::vector<const float*> data;  // task t's scores of parameter i: data[i] + t * numels[i]
@@ -108,6 +114,67 @@ void write_words(const float* x, int64_t n, int64_t first, uint32_t gt, uint32_t
   }
 }
 
+
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load time
+// (GCC/Clang function multiversioning), so the package stays portable without -march=native.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define FSMTL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FSMTL_MULTIVERSION
+#endif
+
+// One word of the fused pass: bit j of *above is key_j > hi, bit j of *inside is lo <= key_j <= hi.
+// Written branch-free over 32 entries so that it vectorizes.
+static inline void classify_word(const float* x, uint32_t lo, uint32_t hi, uint32_t* above, uint32_t* inside) {
+  uint32_t a = 0;
+  uint32_t in = 0;
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t key = float_key(x[j]);
+    a |= static_cast<uint32_t>(key > hi) << j;
+    in |= static_cast<uint32_t>((key >= lo) & (key <= hi)) << j;
+  }
+  *above = a;
+  *inside = in;
+}
+
+// Fused pass over one block: writes the words of "key > hi" (the entries surely taken), counts them,
+// and appends the keys in [lo, hi] (the candidates) with their packed location (global word << 5 | bit),
+// in position order. Returns false when the candidate buffer (capacity `cap`) is full.
+FSMTL_MULTIVERSION
+bool classify_block(const float* x, int64_t n, uint32_t lo, uint32_t hi, int32_t* words, int64_t first_word,
+                    int64_t& above, uint32_t* cand_keys, int64_t* cand_loc, int64_t& count, int64_t cap) {
+  const int64_t full = n / 32;
+  float tail[32];
+  for (int64_t w = 0; w <= full; ++w) {
+    const float* xw = x + w * 32;
+    if (w == full) {
+      const int64_t rest = n - full * 32;
+      if (rest == 0) break;
+      // A partial last word: pad with -inf; the padding bits are cleared below.
+      for (int64_t j = 0; j < 32; ++j) tail[j] = j < rest ? xw[j] : -std::numeric_limits<float>::infinity();
+      xw = tail;
+    }
+    uint32_t a, in;
+    classify_word(xw, lo, hi, &a, &in);
+    if (w == full) {
+      const uint32_t valid = (1u << (n - full * 32)) - 1u;
+      a &= valid;
+      in &= valid;
+    }
+    words[w] = static_cast<int32_t>(a);
+    above += __builtin_popcount(a);
+    while (in) {
+      if (count == cap) return false;
+      const int bit = __builtin_ctz(in);
+      in &= in - 1;
+      cand_keys[count] = float_key(xw[bit]);
+      cand_loc[count] = ((first_word + w) << 5) | bit;
+      ++count;
+    }
+  }
+  return true;
+}
+
 class TaskSelector {
  public:
   TaskSelector(const Params& p, const std::vector<Block>& blocks, const std::vector<int64_t>& chunks, int64_t total)
@@ -124,6 +191,7 @@ class TaskSelector {
       write_mask(words, 0u, 0u, INT64_MAX);  // every key is > 0 or == 0 (taken)
       return;
     }
+    if (total_ >= kMinSampled && sampled_select(k, words)) return;
     int64_t need = k;        // entries still to take among keys that match `prefix`
     uint32_t prefix = 0;     // the digits resolved so far
     int64_t in_bucket = 0;   // keys matching `prefix`
@@ -177,6 +245,133 @@ class TaskSelector {
     write_mask(words, thr, thr, last_pos);
   }
 
+
+  // Fast path, one read of the scores in the common case. A sample of the keys brackets the k-th
+  // largest key in [lo, hi]; one fused pass writes the mask of keys > hi and collects the keys in
+  // [lo, hi] with their locations; radix select over those candidates finds the exact threshold and
+  // the ties to take, and their bits are set. Returns false (nothing decided; the caller runs the
+  // full radix select, which rewrites every word) when the bracket misses the k-th key or holds too
+  // many keys. Either way the result is exact; the sample only decides the speed.
+  bool sampled_select(int64_t k, int32_t* words) {
+    uint32_t lo, hi;
+    double fraction;
+    if (!bracket(k, lo, hi, fraction) || fraction > 0.125) return false;
+    const double cap_fraction = std::min(1.0, 2.0 * fraction + 1.0 / 256.0);
+    std::vector<std::vector<uint32_t>> keys(n_chunks_);
+    std::vector<std::vector<int64_t>> locs(n_chunks_);
+    std::vector<int64_t> above(n_chunks_, 0);
+    std::vector<int64_t> counts(n_chunks_, 0);
+    std::vector<char> ok(n_chunks_, 1);
+    for_chunks([&](int64_t c) {
+      int64_t len = 0;
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1]; ++b) len += blocks_[b].end - blocks_[b].begin;
+      const int64_t cap = static_cast<int64_t>(cap_fraction * static_cast<double>(len)) + 64;
+      keys[c].resize(cap);
+      locs[c].resize(cap);
+      for (int64_t b = chunks_[c]; b < chunks_[c + 1] && ok[c]; ++b) {
+        const Block& blk = blocks_[b];
+        const int64_t first_word = p_.word_offsets[blk.param] + blk.begin / 32;
+        ok[c] = classify_block(block_data(blk), blk.end - blk.begin, lo, hi, words + first_word, first_word,
+                               above[c], keys[c].data(), locs[c].data(), counts[c], cap);
+      }
+    });
+    int64_t need = k;
+    int64_t n_cand = 0;
+    for (int64_t c = 0; c < n_chunks_; ++c) {
+      if (!ok[c]) return false;
+      need -= above[c];
+      n_cand += counts[c];
+    }
+    if (need < 0 || need > n_cand) return false;  // the k-th key is outside [lo, hi]
+    if (need == 0) return true;                   // exactly the keys > hi
+    // A parallel region costs a wake-up of every thread (a scheduler tick when cores are shared), so
+    // the few candidates of a tight bracket are handled by this thread alone.
+    const bool many = n_cand > (int64_t{1} << 20);
+    // Radix select of the need-th largest candidate, digits as in the full path, per-chunk histograms.
+    uint32_t prefix = 0;
+    std::vector<int64_t> chunk_ties(n_chunks_, 0);
+    for (int d = 0; d < 3; ++d) {
+      std::vector<int64_t> hist(static_cast<size_t>(n_chunks_) * kBuckets, 0);
+      const int shift = kDigitShift[d];
+      const uint32_t dmask = (1u << kDigitBits[d]) - 1u;
+      const int high = shift + kDigitBits[d];
+      for_chunks_if(many, [&](int64_t c) {
+        int64_t* row = hist.data() + c * kBuckets;
+        const uint32_t* ck = keys[c].data();
+        for (int64_t j = 0; j < counts[c]; ++j) {
+          if (high == 32 || (ck[j] >> high) == prefix) row[(ck[j] >> shift) & dmask]++;
+        }
+      });
+      int64_t above_bucket = 0;
+      int bucket = (1 << kDigitBits[d]) - 1;
+      for (;; --bucket) {
+        int64_t cnt = 0;
+        for (int64_t c = 0; c < n_chunks_; ++c) cnt += hist[c * kBuckets + bucket];
+        if (above_bucket + cnt >= need) {
+          for (int64_t c = 0; c < n_chunks_; ++c) chunk_ties[c] = hist[c * kBuckets + bucket];
+          break;
+        }
+        above_bucket += cnt;
+      }
+      need -= above_bucket;
+      prefix = (prefix << kDigitBits[d]) | static_cast<uint32_t>(bucket);
+    }
+    // prefix is the threshold; `need` of its ties are taken, the first ones by position.
+    const uint32_t thr = prefix;
+    std::vector<int64_t> ties_before(n_chunks_, 0);
+    for (int64_t c = 1; c < n_chunks_; ++c) ties_before[c] = ties_before[c - 1] + chunk_ties[c - 1];
+    for_chunks_if(many, [&](int64_t c) {
+      int64_t tie_rank = ties_before[c];
+      for (int64_t j = 0; j < counts[c]; ++j) {
+        const uint32_t key = keys[c][j];
+        bool take = key > thr;
+        if (key == thr) take = tie_rank++ < need;
+        if (take) {
+          const int64_t loc = locs[c][j];
+          words[loc >> 5] |= static_cast<int32_t>(1u << (loc & 31));
+        }
+      }
+    });
+    return true;
+  }
+
+  // Brackets the k-th largest key from a sample of kSampleRuns runs of 16 consecutive entries spread
+  // evenly over all positions: [lo, hi] holds the sample ranks k/P * m -/+ a margin of eight
+  // standard deviations of a binomial rank (wide because keys within a run are correlated). `fraction` is
+  // the share of the sample inside the bracket (an estimate of the candidates' share).
+  bool bracket(int64_t k, uint32_t& lo, uint32_t& hi, double& fraction) const {
+    std::vector<int64_t> starts(p_.numels.size() + 1, 0);
+    for (size_t i = 0; i < p_.numels.size(); ++i) starts[i + 1] = starts[i] + p_.numels[i];
+    std::vector<uint32_t> sample;
+    sample.reserve(kSampleRuns * 16);
+    for (int64_t r = 0; r < kSampleRuns; ++r) {
+      const int64_t pos = (2 * r + 1) * total_ / (2 * kSampleRuns);
+      const auto it = std::upper_bound(starts.begin(), starts.end(), pos) - 1;
+      const int64_t param = it - starts.begin();
+      const int64_t idx = pos - *it;
+      const float* x = p_.data[param] + t_ * p_.numels[param];
+      const int64_t end = std::min<int64_t>(p_.numels[param], idx + 16);
+      for (int64_t j = idx; j < end; ++j) sample.push_back(float_key(x[j]));
+    }
+    const int64_t m = static_cast<int64_t>(sample.size());
+    const double q = static_cast<double>(k) / static_cast<double>(total_);
+    const double mid = q * static_cast<double>(m);
+    const double margin = 8.0 * std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 32.0;
+    const int64_t hi_rank = static_cast<int64_t>(std::floor(mid - margin));  // 0 = the largest
+    const int64_t lo_rank = static_cast<int64_t>(std::ceil(mid + margin));
+    auto by_rank = [&](int64_t rank) {  // key of descending rank `rank` in the sample
+      std::nth_element(sample.begin(), sample.begin() + (m - 1 - rank), sample.end());
+      return sample[m - 1 - rank];
+    };
+    hi = hi_rank < 0 ? 0xFFFFFFFFu : by_rank(hi_rank);
+    lo = lo_rank >= m ? 0u : by_rank(lo_rank);
+    if (lo == 0) return false;  // the bracket reaches the smallest keys: no saving over radix select
+    int64_t inside = 0;
+    for (const uint32_t key : sample) inside += (key >= lo) & (key <= hi);
+    fraction = static_cast<double>(inside) / static_cast<double>(m);
+    return true;
+  }
+
  private:
   const float* block_data(const Block& b) const { return p_.data[b.param] + t_ * p_.numels[b.param] + b.begin; }
 
@@ -185,6 +380,15 @@ class TaskSelector {
     at::parallel_for(0, n_chunks_, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) f(c);
     });
+  }
+
+  template <typename F>
+  void for_chunks_if(bool parallel, const F& f) const {
+    if (parallel) {
+      for_chunks(f);
+    } else {
+      for (int64_t c = 0; c < n_chunks_; ++c) f(c);
+    }
   }
 
   // Sums the kSubHists interleaved uint32 histograms of one chunk into its int64 row.
