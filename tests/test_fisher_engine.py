@@ -370,6 +370,34 @@ def test_batchnorm_without_running_stats_rejected():
         sum_grad_squared(model, lambda: model(torch.randn(5, 3)).sum(1))
 
 
+def test_batchnorm_in_train_mode_outside_module_rejected():
+    trunk = nn.Linear(3, 4)
+    head = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="batch statistics"):
+        sum_grad_squared(trunk, lambda: nll_predicted(head(trunk(x))))
+    assert not trunk._forward_hooks and head.training
+    head.eval()
+    sum_grad_squared(trunk, lambda: nll_predicted(head(trunk(x))))
+
+
+def test_no_grad_forward_in_closure_is_not_reuse(monkeypatch):
+    torch.manual_seed(14)
+    model = MLP()
+    x = torch.randn(9, 13)
+
+    def closure():
+        with torch.no_grad():
+            labels = model(x).argmax(1)  # a separate pass for the predicted label
+        return F.cross_entropy(model(x), labels, reduction="none")
+
+    spied = fallback_spy(monkeypatch)
+    ours = sum_grad_squared(model.trunk, closure)
+    assert spied == []
+    _, ref = run(model, x)
+    assert_fisher_close(ours, ref)
+
+
 def test_eval_mode_false_keeps_modes_and_mixed_modes_restored():
     model = CNN().eval()
     model.trunk[0].train()  # a conv in train mode is harmless; modes must come back exactly

@@ -24,7 +24,10 @@ uses eval-mode (running) statistics: ``eval_mode=True`` (the default) runs the c
 ``module.eval()`` and restores every submodule's previous mode afterwards. A BatchNorm that would
 still use batch statistics (``eval_mode=False`` on a module in train mode, or
 ``track_running_stats=False``) is rejected with a ``ValueError``. ``eval_mode`` acts on
-``module`` only; layers outside it (task heads) must keep samples independent themselves.
+``module`` only; a BatchNorm outside it (in a task head) that the closure runs with batch
+statistics is detected by a global forward hook and also rejected. Other cross-sample layers
+outside the known ones cannot be detected: the closure's contract is that sample ``n``'s loss
+depends only on sample ``n``.
 """
 
 from __future__ import annotations
@@ -284,8 +287,16 @@ def sum_grad_squared(
         _check_batch_norms(module, eval_mode)
         for site in sites:
             handles.append(site.module.register_forward_hook(_make_forward_hook(site), with_kwargs=True))
+        coupled: list[str] = []
+        handles.append(nn.modules.module.register_module_forward_hook(_make_batch_stats_hook(coupled)))
         with torch.enable_grad():
             losses = _check_losses(closure())
+        if coupled:
+            raise ValueError(
+                f"closure ran {coupled[0]} with batch statistics (train mode or track_running_stats=False), "
+                "which couples samples so per-sample gradients are undefined; put the layers outside module "
+                "in eval mode during estimation"
+            )
         for h in handles:
             h.remove()
         handles.clear()
@@ -306,14 +317,29 @@ def sum_grad_squared(
     return out
 
 
+def _make_batch_stats_hook(coupled: list[str]):
+    """A global forward hook noting BatchNorm calls that normalize with batch statistics (e.g. in a
+    task head outside ``module``, which ``eval_mode`` does not reach)."""
+
+    def hook(module, args, output):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None):
+            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+                coupled.append(repr(module))
+        return None
+
+    return hook
+
+
 def _make_forward_hook(site: _Site):
     def hook(module, args, kwargs, output):
+        if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+            return None  # not recorded by autograd (e.g. a no_grad pass for the predicted label)
         site.calls += 1
         if site.calls > 1:  # reused: the per-sample gradient sums over calls; fallback decides
             site.drop()
             return None
         x = _first_tensor_arg(args, kwargs)
-        if x is None or not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        if x is None:
             return None
         site.x, site.x_version = x, x._version
         site.out, site.out_version = output, output._version
