@@ -17,6 +17,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from oracle import fisher_oracle, masked_average_oracle, topk_oracle
 
 import fsmtl_kernels as fk
@@ -418,3 +420,21 @@ def test_fake_topk_shape():
         scores = [torch.empty(3, 33), torch.empty(3, 2, 2)]
         words = torch.ops.fsmtl_triton.topk_mask(scores, [1, 2, 3])
     assert words.shape == (3, 3) and words.dtype == torch.int32
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+    num_tasks=st.integers(1, 3),
+    levels=st.sampled_from([2, 7, 1000]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_topk_random_cases_match_reference(sizes, num_tasks, levels, seed, data, monkeypatch):
+    """Random parameter lists (empty ones included), tie densities and per-task k, 64-entry blocks."""
+    monkeypatch.setitem(_utils.INTERPRETER_BLOCKS, "topk", 64)
+    gen = torch.Generator().manual_seed(seed)
+    scores = [(torch.randint(-levels, levels, (num_tasks, n), generator=gen).float() / 3) for n in sizes]
+    total = sum(sizes)
+    ks = data.draw(st.lists(st.integers(0, total), min_size=num_tasks, max_size=num_tasks))
+    assert_same_mask(scores, ks)

@@ -3,18 +3,27 @@
 1. Keys: float32 scores map to order-preserving uint32 keys (``-0.0`` is first turned into
    ``+0.0``; positive floats get the sign bit set, negative floats are bit-inverted), so a larger
    key is a larger score and ``+inf`` has the largest key of any non-NaN score.
-2. Radix select: three histogram passes over digits of 11, 11 and 10 bits, most significant
-   first. Pass ``d`` histograms the digit of the keys whose higher digits equal the prefix chosen
-   so far; a one-program-per-task select kernel then picks the digit that holds the ``k_rem``-th
-   largest key and subtracts the counts above it. After the last pass the prefix *is* the key of
-   the k-th largest score ``thr`` and ``k_rem`` is how many entries equal to ``thr`` to take.
-3. Mask: a count pass stores the number of ties (key == thr) of each block; a cumulative sum over
-   blocks gives each block's first tie rank, and the write pass sets the bits of every key above
+2. Radix select: four histogram passes over 8-bit digits, most significant first. Pass ``d``
+   histograms the digit of the keys whose higher digits equal the prefix chosen so far; a
+   one-program-per-task select kernel then picks the digit that holds the ``k_rem``-th largest
+   key and subtracts the counts above it. After the last pass the prefix *is* the key of
+   the k-th largest score ``thr``, ``k_rem`` is how many entries equal to ``thr`` to take and the
+   last histogram bin gives how many there are.
+3. Mask: when only some of the ties are taken, a count pass stores the number of ties
+   (key == thr) of each block and a cumulative sum over blocks gives each block's first tie rank
+   (when all ties are taken, the common case for continuous scores, the count pass masks off
+   all its loads and costs only its launch). The write pass sets the bits of every key above
    ``thr`` and of the ties whose rank (position order: parameter, then flat index) is below
    ``k_rem``, packed into the per-parameter word-aligned int32 words of :mod:`fsmtl_kernels.mask`.
 
-No concatenated copy and no sort: the scores are read once per pass (3 histogram passes, the
-count and the write: 5 reads of ``4 * P`` bytes per task) and ``P / 8`` bytes of mask written.
+Why 8-bit digits: on NVIDIA GPUs ``tl.histogram`` builds each warp's histogram from one ballot
+per index bit and a popcount per bin owned by the thread, so its cost grows with the number of
+bins; 256 bins keep a pass close to a plain read, where 2048-bin (11-bit) passes would be compute
+bound (an estimate from the lowering, not a measurement: no GPU was available when this was written).
+
+No concatenated copy and no sort: the scores are read once per pass (4 histogram passes and the
+write, plus the count when ties are split: 5-6 reads of ``4 * P`` bytes per task) and ``P / 8``
+bytes of mask written.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import triton.language as tl
 from . import _utils
 
 #: (shift, bits) of each radix pass, most significant digit first.
-DIGITS = ((21, 11), (10, 11), (0, 10))
+DIGITS = ((24, 8), (16, 8), (8, 8), (0, 8))
 MAX_BINS = 1 << max(bits for _, bits in DIGITS)
 
 
@@ -41,8 +50,9 @@ def _order_keys(x):
 
 
 @triton.jit
-def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr):
-    """Keys of global block ``block`` of task ``task``, its in-range mask, and the table row."""
+def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr, active):
+    """Keys of global block ``block`` of task ``task``, its in-range mask, and the table row
+    (nothing is read where ``active`` is False)."""
     seg = _utils.find_segment(table_ptr + 2, 4, n_segments, block, LOG_SEGMENTS)
     row = table_ptr + seg * 4
     s_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
@@ -51,7 +61,8 @@ def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.conste
     word_off = tl.load(row + 3)
     local = block - first
     offs = local * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    # Folding ``active`` into the bound (not ``& active``) keeps the mask a plain comparison.
+    mask = offs < tl.where(active, n, 0)
     x = tl.load(s_ptr + task * n + offs, mask=mask, other=0.0)
     return _order_keys(x), mask, n, local, word_off
 
@@ -59,7 +70,7 @@ def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.conste
 @triton.jit
 def _radix_histogram_kernel(
     table_ptr,  # int64 [S, 4]: scores pointer ([T, n] contiguous), n, first block, word offset
-    state_ptr,  # int64 [T, 2]: key prefix chosen so far, entries still to take (k_rem)
+    state_ptr,  # int64 [T, 3]: key prefix chosen so far, entries still to take (k_rem), ties
     hist_ptr,  # int64 [T, MAX_BINS] histogram of this pass, zero on entry
     n_segments,  # rows of the table
     total_blocks,  # blocks over all parameters
@@ -75,12 +86,12 @@ def _radix_histogram_kernel(
     pid = tl.program_id(0).to(tl.int64)
     task = tl.program_id(1).to(tl.int64)
     step = tl.num_programs(0).to(tl.int64)
-    prefix = tl.load(state_ptr + task * 2).to(tl.uint32)
+    prefix = tl.load(state_ptr + task * 3).to(tl.uint32)
     hist = tl.zeros([1 << BITS], dtype=tl.int32)
     # Blocks pid, pid + step, ...; an explicit trip count keeps the block index int64.
     for i in range(tl.cdiv(total_blocks - pid, step)):
         b = pid + i * step
-        key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+        key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, True)
         if FILTER:
             mask = mask & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
@@ -90,7 +101,7 @@ def _radix_histogram_kernel(
 
 @triton.jit
 def _radix_select_kernel(
-    state_ptr,  # int64 [T, 2]: prefix, k_rem; updated
+    state_ptr,  # int64 [T, 3]: prefix, k_rem, entries in the chosen digit's bin; updated
     hist_ptr,  # int64 [T, MAX_BINS] this pass's histogram
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
@@ -101,31 +112,35 @@ def _radix_select_kernel(
     task = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, 1 << BITS)
     h = tl.load(hist_ptr + task * NB_STRIDE + idx)
-    prefix = tl.load(state_ptr + task * 2)
-    k_rem = tl.load(state_ptr + task * 2 + 1)
+    prefix = tl.load(state_ptr + task * 3)
+    k_rem = tl.load(state_ptr + task * 3 + 1)
     suffix = tl.cumsum(h, 0, reverse=True)
     # k_rem == 0 (k = 0) picks the top digit every pass: the prefix ends above every real key.
     digit = tl.sum((suffix >= k_rem).to(tl.int64), 0) - 1
     above = tl.sum(tl.where(idx == digit, suffix - h, 0), 0)
-    tl.store(state_ptr + task * 2, prefix | (digit << SHIFT))
-    tl.store(state_ptr + task * 2 + 1, k_rem - above)
+    in_bin = tl.sum(tl.where(idx == digit, h, 0), 0)
+    tl.store(state_ptr + task * 3, prefix | (digit << SHIFT))
+    tl.store(state_ptr + task * 3 + 1, k_rem - above)
+    tl.store(state_ptr + task * 3 + 2, in_bin)
 
 
 @triton.jit
 def _tie_count_kernel(
     table_ptr,
-    state_ptr,  # int64 [T, 2]: threshold key, ties to take
+    state_ptr,  # int64 [T, 3]: threshold key, ties to take, ties in all
     counts_ptr,  # int32 [T, total_blocks] ties per block (written)
     n_segments,
     total_blocks,
     LOG_SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Number of entries of each block whose key equals the threshold key."""
+    """Number of entries of each block whose key equals the threshold key. Tasks that take all
+    their ties skip it: every load is masked off, so no score is read."""
     b = tl.program_id(0).to(tl.int64)
     task = tl.program_id(1).to(tl.int64)
-    thr = tl.load(state_ptr + task * 2).to(tl.uint32)
-    key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+    thr = tl.load(state_ptr + task * 3).to(tl.uint32)
+    split = tl.load(state_ptr + task * 3 + 1) < tl.load(state_ptr + task * 3 + 2)
+    key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, split)
     ties = (key == thr) & mask
     tl.store(counts_ptr + task * total_blocks + b, tl.sum(ties.to(tl.int32), 0))
 
@@ -133,7 +148,7 @@ def _tie_count_kernel(
 @triton.jit
 def _mask_write_kernel(
     table_ptr,
-    state_ptr,  # int64 [T, 2]: threshold key, ties to take
+    state_ptr,  # int64 [T, 3]: threshold key, ties to take, ties in all
     tie_prefix_ptr,  # int64 [T, total_blocks] inclusive cumulative tie counts over blocks
     words_ptr,  # int32 [T, n_words] packed mask (written)
     n_segments,
@@ -146,14 +161,15 @@ def _mask_write_kernel(
     int32 word (bit ``j % 32`` of word ``j // 32``), padding bits 0."""
     b = tl.program_id(0).to(tl.int64)
     task = tl.program_id(1).to(tl.int64)
-    thr = tl.load(state_ptr + task * 2).to(tl.uint32)
-    need = tl.load(state_ptr + task * 2 + 1)
-    key, mask, n, local, word_off = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK)
+    thr = tl.load(state_ptr + task * 3).to(tl.uint32)
+    need = tl.load(state_ptr + task * 3 + 1)
+    take_all = need >= tl.load(state_ptr + task * 3 + 2)
+    key, mask, n, local, word_off = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, True)
     ties = ((key == thr) & mask).to(tl.int32)
     inclusive = tl.cumsum(ties, 0)
     first_rank = tl.load(tie_prefix_ptr + task * total_blocks + b) - tl.sum(ties, 0)
     rank = first_rank + (inclusive - ties).to(tl.int64)
-    selected = ((key > thr) & mask) | ((ties != 0) & (rank < need))
+    selected = ((key > thr) & mask) | ((ties != 0) & (take_all | (rank < need)))
     bits = tl.reshape(selected.to(tl.int32), [BLOCK // 32, 32]) << tl.arange(0, 32)[None, :]
     # The 32 terms are distinct powers of two, so their wrapping int32 sum is their bitwise OR.
     words = tl.sum(bits, 1)
@@ -186,7 +202,7 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
     log_segments = _utils.log2_ceil(len(rows))
     warps = _utils.num_warps(block)
 
-    state = torch.tensor([[0, k] for k in ks], dtype=torch.int64, device=device)
+    state = torch.tensor([[0, k, 0] for k in ks], dtype=torch.int64, device=device)
     hist = torch.zeros(len(DIGITS), num_tasks, MAX_BINS, dtype=torch.int64, device=device)
     programs = _utils.persistent_programs(device, total_blocks)
     for i, (shift, bits) in enumerate(DIGITS):
