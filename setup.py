@@ -29,8 +29,10 @@ def _cpp_extension() -> tuple[list, dict]:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:
-        _warn(f"torch is not importable at build time ({exc}); the C++ CPU backend is not built. Install torch "
-              "first, then `pip install --no-build-isolation -e .`.")
+        _warn(
+            f"torch is not importable at build time ({exc}); the C++ CPU backend is not built. Install torch "
+            "first, then `pip install --no-build-isolation -e .`."
+        )
         return [], {}
 
     if sys.platform == "win32":
@@ -54,8 +56,10 @@ def _cpp_extension() -> tuple[list, dict]:
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure must not fail the install
-                _warn(f"building the C++ CPU backend failed ({type(exc).__name__}: {exc}); the package is installed "
-                      "without it and runs its ops through the reference on CPU.")
+                _warn(
+                    f"building the C++ CPU backend failed ({type(exc).__name__}: {exc}); the package is installed "
+                    "without it and runs its ops through the reference on CPU."
+                )
 
     return [extension], {"build_ext": OptionalBuildExtension}
 

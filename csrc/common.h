@@ -11,6 +11,16 @@
 #include <cstring>
 #include <vector>
 
+// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load time
+// (GCC/Clang function multiversioning), so the package stays portable without -march=native.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FSMTL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define FSMTL_X86 1
+#else
+#define FSMTL_MULTIVERSION
+#endif
+
 namespace fsmtl {
 
 // Loads one gradient entry as float32. bf16 is the upper half of a float32, so a shift is exact
@@ -23,6 +33,39 @@ inline float to_float(c10::BFloat16 v) {
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
+}
+
+// fp16 -> fp32 for n entries. c10::Half's portable conversion is scalar bit arithmetic (about 28 ms
+// for the upcast-square-add of 1e7 entries on a 2-core Xeon); where the CPU has F16C, 8 entries
+// convert per instruction.
+#ifdef FSMTL_X86
+__attribute__((target("avx2,f16c"))) inline void half_to_float_f16c(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(h));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+#endif
+
+inline bool cpu_has_f16c() {
+#ifdef FSMTL_X86
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+inline void half_to_float(const c10::Half* src, float* dst, int64_t n) {
+#ifdef FSMTL_X86
+  if (cpu_has_f16c()) {
+    half_to_float_f16c(src, dst, n);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
 }
 
 // Stores a float32 result in the output dtype with the same rounding as Tensor.copy_

@@ -11,8 +11,10 @@ namespace {
 
 constexpr int64_t kFisherBlock = 1024;  // 4 KiB of float32 accumulators: stays in L1
 
+// acc[j] += row[j]^2 over the `samples` rows, then fisher[j] += scale * acc[j]; len <= kFisherBlock.
 template <typename T>
-void accumulate_block(const T* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len, float scale) {
+inline __attribute__((always_inline)) void accumulate_block(const T* grad, int64_t row_stride, int64_t samples,
+                                                            float* fisher, int64_t len, float scale) {
   float acc[kFisherBlock];
   for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
   for (int64_t s = 0; s < samples; ++s) {
@@ -21,6 +23,33 @@ void accumulate_block(const T* grad, int64_t row_stride, int64_t samples, float*
       const float v = to_float(row[j]);
       acc[j] += v * v;
     }
+  }
+  for (int64_t j = 0; j < len; ++j) fisher[j] += scale * acc[j];
+}
+
+FSMTL_MULTIVERSION
+void accumulate_float(const float* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len,
+                      float scale) {
+  accumulate_block(grad, row_stride, samples, fisher, len, scale);
+}
+
+FSMTL_MULTIVERSION
+void accumulate_bfloat16(const c10::BFloat16* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len,
+                         float scale) {
+  accumulate_block(grad, row_stride, samples, fisher, len, scale);
+}
+
+// fp16 rows are first widened into an L1-resident float32 row (vector conversion where the CPU
+// has F16C), then squared and summed as float32.
+FSMTL_MULTIVERSION
+void accumulate_half(const c10::Half* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len,
+                     float scale) {
+  float acc[kFisherBlock];
+  float row[kFisherBlock];
+  for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
+  for (int64_t s = 0; s < samples; ++s) {
+    half_to_float(grad + s * row_stride, row, len);
+    for (int64_t j = 0; j < len; ++j) acc[j] += row[j] * row[j];
   }
   for (int64_t j = 0; j < len; ++j) fisher[j] += scale * acc[j];
 }
@@ -58,13 +87,13 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double s
       const int64_t len = blk.end - blk.begin;
       switch (g.scalar_type()) {
         case at::kHalf:
-          accumulate_block(g.const_data_ptr<c10::Half>() + blk.begin, n, samples, f, len, scale_f);
+          accumulate_half(g.const_data_ptr<c10::Half>() + blk.begin, n, samples, f, len, scale_f);
           break;
         case at::kBFloat16:
-          accumulate_block(g.const_data_ptr<c10::BFloat16>() + blk.begin, n, samples, f, len, scale_f);
+          accumulate_bfloat16(g.const_data_ptr<c10::BFloat16>() + blk.begin, n, samples, f, len, scale_f);
           break;
         default:
-          accumulate_block(g.const_data_ptr<float>() + blk.begin, n, samples, f, len, scale_f);
+          accumulate_float(g.const_data_ptr<float>() + blk.begin, n, samples, f, len, scale_f);
       }
     }
   });

@@ -115,13 +115,6 @@ void write_words(const float* x, int64_t n, int64_t first, uint32_t gt, uint32_t
 }
 
 
-// Hot loops are compiled for AVX-512 and AVX2 as well as the baseline ISA and picked at load time
-// (GCC/Clang function multiversioning), so the package stays portable without -march=native.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define FSMTL_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FSMTL_MULTIVERSION
-#endif
 
 // One word of the fused pass: bit j of *above is key_j > hi, bit j of *inside is lo <= key_j <= hi.
 // Written branch-free over 32 entries so that it vectorizes.

@@ -101,7 +101,7 @@ def _writable(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _write_back(targets: list[torch.Tensor], results: list[torch.Tensor]) -> None:
-    for target, result in zip(targets, results):
+    for target, result in zip(targets, results, strict=True):
         if result is not target:
             target.copy_(result)
 

@@ -132,11 +132,11 @@ def test_fisher_accumulate_matches_float64(shapes, dtype, per_sample):
     fisher = [torch.rand(s, generator=gen) for s in shapes]
     grads = [torch.randn((n, *s) if per_sample else s, generator=gen).to(dtype) for s in shapes]
     expected = []
-    for f, g in zip(fisher, grads):
+    for f, g in zip(fisher, grads, strict=True):
         sq = g.double().square()
         expected.append(f.double() + 0.25 * (sq.sum(0) if per_sample else sq))
     fk.fisher_accumulate(fisher, grads, scale=0.25, backend="cpp")
-    for f, e in zip(fisher, expected):
+    for f, e in zip(fisher, expected, strict=True):
         assert f.dtype == torch.float32
         torch.testing.assert_close(f.double(), e, rtol=2e-6, atol=1e-6)
 
@@ -160,7 +160,7 @@ def test_masked_grad_average_matches_float64(shapes, num_tasks, normalize, dtype
     bools = [torch.rand(num_tasks, *s, generator=gen) < 0.5 for s in shapes]
     mask = PackedMask.from_bool_stacked(bools)
     ours = fk.masked_grad_average(grads, mask, normalize=normalize, backend="cpp")
-    for o, g, b in zip(ours, grads, bools):
+    for o, g, b in zip(ours, grads, bools, strict=True):
         total = (g.double() * b).sum(0)
         if normalize == "tasks":
             expected = total / num_tasks
@@ -184,7 +184,7 @@ def test_masked_grad_average_into_param_grads(param_dtype):
     mask = PackedMask.from_bool_stacked([torch.rand(3, *s, generator=gen) < 0.3 for s in shapes])
     ref = fk.masked_grad_average(grads, mask, normalize="selected", backend="reference")
     out = fk.masked_grad_average(grads, mask, normalize="selected", params=params, backend="cpp")
-    for p, o, r in zip(params, out, ref):
+    for p, o, r in zip(params, out, ref, strict=True):
         assert o is p.grad and o.dtype == param_dtype
         torch.testing.assert_close(o, r.to(param_dtype))
 
@@ -212,7 +212,7 @@ def test_results_deterministic_across_threads():
             outs.append(fisher + fk.masked_grad_average(grads, mask, normalize="selected", backend="cpp"))
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
