@@ -299,6 +299,27 @@ def test_flattened_batch_and_inplace_output():
     assert_fisher_close(ours, ref)
 
 
+def test_output_modified_in_place_keeps_rule(monkeypatch):
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 4), nn.Hardtanh(inplace=True))
+    spied = fallback_spy(monkeypatch)
+    ours, ref = run(model, torch.randn(8, 5), trunk="")
+    assert_fisher_close(ours, ref)
+    assert spied == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model(dtype):
+    """Half-precision models: fp32 buffers, per-sample sums in fp32; error at the model's precision."""
+    torch.manual_seed(16)
+    model = Transformer().eval()
+    x = tokens(6)
+    ref = reference(model, "trunk", lambda m, sl: nll_predicted(m(x[sl])), 6)
+    model = model.to(dtype)
+    ours = sum_grad_squared(model.trunk, lambda: nll_predicted(model(x)).float())
+    assert_fisher_close(ours, ref, rtol=0.1)
+
+
 def test_params_subset_order_out_and_scale():
     torch.manual_seed(8)
     model = Transformer()

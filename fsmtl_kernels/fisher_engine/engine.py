@@ -65,6 +65,7 @@ class _Site:
     local_params: set[int] = field(default_factory=set)  # id() of parameters used inside the call
     local_complete: bool = False
     tensor_hook: torch.utils.hooks.RemovableHandle | None = None
+    active: bool = False  # set once the checks pass: only then does the tensor hook run the rule
 
     def drop(self) -> None:
         if self.tensor_hook is not None:
@@ -286,7 +287,8 @@ def sum_grad_squared(
             module.eval()
         _check_batch_norms(module, eval_mode)
         for site in sites:
-            handles.append(site.module.register_forward_hook(_make_forward_hook(site), with_kwargs=True))
+            hook = _make_forward_hook(site, acc, scale, chunk_size, backend)
+            handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
         coupled: list[str] = []
         handles.append(nn.modules.module.register_module_forward_hook(_make_batch_stats_hook(coupled)))
         with torch.enable_grad():
@@ -302,7 +304,7 @@ def sum_grad_squared(
         handles.clear()
         n = losses.shape[0]
         if n:
-            _estimate(losses, params, index, sites, acc, scale, chunk_size, backend)
+            _estimate(losses, params, sites, acc, scale, chunk_size, backend)
     finally:
         for h in handles:
             h.remove()
@@ -330,7 +332,7 @@ def _make_batch_stats_hook(coupled: list[str]):
     return hook
 
 
-def _make_forward_hook(site: _Site):
+def _make_forward_hook(site: _Site, acc, scale, chunk, backend):
     def hook(module, args, kwargs, output):
         if not isinstance(output, torch.Tensor) or output.grad_fn is None:
             return None  # not recorded by autograd (e.g. a no_grad pass for the predicted label)
@@ -345,12 +347,15 @@ def _make_forward_hook(site: _Site):
         site.out, site.out_version = output, output._version
         site.training = module.training
         site.local_params, site.local_complete = _local_params(output, x)
+        # Registered now, not after the closure: a hook sits on the tensor's grad_fn at registration,
+        # so it sees d loss / d out even if later code changes `out` in place (ReLU(inplace=True)).
+        site.tensor_hook = output.register_hook(_make_tensor_hook(site, acc, scale, chunk, backend))
         return None
 
     return hook
 
 
-def _estimate(losses, params, index, sites, acc, scale, chunk, backend) -> None:
+def _estimate(losses, params, sites, acc, scale, chunk, backend) -> None:
     n = losses.shape[0]
     uses = _param_uses(losses.grad_fn) if losses.grad_fn is not None else {}
     ruled: list[_Site] = []
@@ -377,7 +382,7 @@ def _estimate(losses, params, index, sites, acc, scale, chunk, backend) -> None:
     if ruled:
         inputs = []
         for site in ruled:
-            site.tensor_hook = site.out.register_hook(_make_tensor_hook(site, acc, scale, chunk, backend))
+            site.active = True
             # An output changed in place since the call is no longer the tensor the hook saw; asking
             # for a parameter's gradient instead still runs the call's node, where the hook sits.
             if site.out._version == site.out_version:
@@ -387,9 +392,8 @@ def _estimate(losses, params, index, sites, acc, scale, chunk, backend) -> None:
         torch.autograd.grad(
             losses, inputs, grad_outputs=torch.ones_like(losses), retain_graph=bool(fallback), allow_unused=True
         )
-        for site in ruled:
-            if site.x is not None:  # the hook did not run: no gradient reached the output
-                site.drop()
+        for site in ruled:  # also where the hook did not run: no gradient reached the output
+            site.drop()
 
     if fallback:
         fb_params = [params[i] for i in fallback]
@@ -413,7 +417,7 @@ def _estimate(losses, params, index, sites, acc, scale, chunk, backend) -> None:
 
 def _make_tensor_hook(site: _Site, acc, scale, chunk, backend):
     def hook(grad):
-        if site.x is None:
+        if not site.active or site.x is None:
             return None
         bufs = {name: acc[i] for name, i in site.params.items()}
         site.rule.apply(Call(site.module, site.x, grad, bufs, scale, chunk, backend))
