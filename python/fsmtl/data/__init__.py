@@ -7,7 +7,10 @@ Embedded (see :data:`BENCHMARKS`, built by :func:`load_benchmark`): ``digits-att
 """
 
 from ._types import TASK_KINDS, Benchmark, Split, Task
+from .celeba import celeba, read_attributes, read_partition
+from .cityscapes import cityscapes
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
+from .idx import dkl_mnist, read_idx
 from .registry import BENCHMARKS, load_benchmark
 from .synthetic import synthetic
 
@@ -19,8 +22,14 @@ __all__ = [
     "Benchmark",
     "Split",
     "Task",
+    "celeba",
+    "cityscapes",
     "digits_attributes",
     "digits_dkl",
+    "dkl_mnist",
     "load_benchmark",
+    "read_attributes",
+    "read_idx",
+    "read_partition",
     "synthetic",
 ]

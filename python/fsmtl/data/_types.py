@@ -132,8 +132,10 @@ class Benchmark:
                 raise ValueError(f"{where}: {len(split.inputs)} input tensors for {len(self.tasks)} tasks")
             for t, (task, x, y) in enumerate(zip(self.tasks, split.inputs, split.targets, strict=True)):
                 if tuple(x.shape[1:]) != self.input_shape:
-                    raise ValueError(f"{where}: inputs[{t}] has sample shape {tuple(x.shape[1:])}, "
-                                     f"expected input_shape {self.input_shape}")
+                    raise ValueError(
+                        f"{where}: inputs[{t}] has sample shape {tuple(x.shape[1:])}, "
+                        f"expected input_shape {self.input_shape}"
+                    )
                 if self.homogeneous and x is not split.inputs[0]:
                     raise ValueError(f"{where}: a homogeneous benchmark must hold the same input tensor for every task")
                 _check_target(task, y, int(x.shape[0]), f"{where} task {task.name!r}")

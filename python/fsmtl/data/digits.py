@@ -227,6 +227,11 @@ def digits_dkl(
         inputs = [chunk.reshape(-1, *shape).contiguous() for chunk in torch.split(x_all, sizes[name])]
         splits[name] = Split(inputs=inputs, targets=per_split[name][1])
     return Benchmark(
-        name="digits-dkl", tasks=tasks, homogeneous=False, input_shape=shape,
-        train=splits["train"], val=splits["val"], test=splits["test"],
+        name="digits-dkl",
+        tasks=tasks,
+        homogeneous=False,
+        input_shape=shape,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
     )
