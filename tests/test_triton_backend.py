@@ -237,6 +237,19 @@ def test_topk_distinct_random_scores(blocks):
     assert_same_mask(scores, [1, total // 2, total - 1])
 
 
+def test_topk_alignment_groups_keep_position_order(blocks):
+    """Parameters allowing vector loads (16-byte aligned, size a multiple of 8) launch apart from
+    the others; ties must still be ranked in parameter order across both launches."""
+    assert _utils.is_aligned((64,), 16) and not _utils.is_aligned((64,), 7) and not _utils.is_aligned((8,), 16)
+    shapes = [(7,), (64,), (33,), (8, 16), (1,), (1024,)]
+    scores = [torch.full((3, *s), 0.5) for s in shapes]
+    scores[3][:, 2, 3] = 2.0
+    offset_view = torch.full((3, 1 + 64), 0.5)[:, 1:]  # size 64, misaligned storage: unaligned group
+    total = total_entries(shapes)
+    assert_same_mask(scores, [1, 40, total - 3])
+    assert_same_mask([*scores, offset_view.contiguous()], [0, 100, 700])
+
+
 # ---------------------------------------------------------------------------------------------
 # Fisher accumulation
 # ---------------------------------------------------------------------------------------------
@@ -261,6 +274,22 @@ def test_fisher_accumulate(dtype, per_sample, blocks):
         assert torch.isfinite(o).all()
         torch.testing.assert_close(o, r, rtol=2e-6, atol=0)
         assert_within_torch_error(o, r, e, "fisher")
+
+
+def test_fisher_and_average_alignment_groups(blocks):
+    shapes = [(7,), (64,), (33,), (8, 16), (1,)]
+    grads = [torch.randn(3, *s) for s in shapes]
+    flat = torch.zeros(1 + 64)
+    fisher = [torch.zeros(s) for s in shapes] + [flat[1:]]  # a misaligned view of a flat buffer
+    fk.fisher_accumulate(fisher, [*grads, torch.randn(3, 64)], backend="triton")
+    for f, g in zip(fisher[:-1], grads, strict=True):
+        torch.testing.assert_close(f, g.square().sum(0))
+    mask = random_mask(shapes, 3, CPU)
+    for normalize in ("tasks", "selected"):
+        ours = fk.masked_grad_average(grads, mask, normalize=normalize, backend="triton")
+        ref = fk.masked_grad_average(grads, mask, normalize=normalize, backend="reference")
+        for o, r in zip(ours, ref, strict=True):
+            torch.testing.assert_close(o, r)
 
 
 def test_fisher_accumulate_strided_and_mixed_dtypes():

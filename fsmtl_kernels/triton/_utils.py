@@ -93,6 +93,26 @@ def block_starts(numels: list[int], block: int) -> tuple[list[int], int]:
     return starts, total
 
 
+def is_aligned(pointers, n: int) -> bool:
+    """True when every pointer is 16-byte aligned and ``n`` is a multiple of 8 entries.
+
+    Then every row ``base + r * n`` of every tensor and every block start stays 16-byte aligned
+    (items of 2 to 8 bytes) and masks are constant over 16-byte groups, so a kernel may promise
+    this to the compiler (``tl.multiple_of``) and get 128-bit loads and stores. Pointers read from
+    a table are otherwise of unknown alignment and each entry is loaded alone (checked in the PTX
+    for sm_90: ``ld.global.v4`` with the hints, ``ld.global.b32`` without).
+    """
+    return n % 8 == 0 and all(p % 16 == 0 for p in pointers)
+
+
+def split_by_alignment(items: list, pointers, numels) -> list[tuple[bool, list]]:
+    """``items`` split into (aligned, items) groups, position order kept inside each group."""
+    groups: dict[bool, list] = {}
+    for item, ptrs, n in zip(items, pointers, numels, strict=True):
+        groups.setdefault(is_aligned(ptrs, n), []).append(item)
+    return sorted(groups.items(), reverse=True)
+
+
 @triton.jit
 def find_segment(starts_ptr, row_stride, n_segments, block, LOG_SEGMENTS: tl.constexpr):
     """Row of the segment table that owns global block ``block``: the last row ``s`` with

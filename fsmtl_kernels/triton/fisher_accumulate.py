@@ -23,6 +23,7 @@ def _fisher_accumulate_kernel(
     LOG_SEGMENTS: tl.constexpr,  # binary-search steps over the table
     G_DTYPE: tl.constexpr,  # element type of the gradients (fp16/bf16/fp32)
     BLOCK: tl.constexpr,  # entries per program
+    ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     """``F[j] += scale * sum_s g[s, j]**2`` for the ``BLOCK`` entries of one parameter's block;
     gradients are upcast to float32 before squaring so fp16 squares cannot overflow."""
@@ -33,6 +34,10 @@ def _fisher_accumulate_kernel(
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
     n = tl.load(row + 2)
     first = tl.load(row + 3)
+    if ALIGNED:
+        f_ptr = tl.multiple_of(f_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        n = tl.multiple_of(n, 8)
     offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -44,7 +49,8 @@ def _fisher_accumulate_kernel(
 
 
 def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tensor], scale: float, per_sample: bool):
-    """Launch the kernel once per gradient dtype present (one launch in the usual case).
+    """Launch the kernel once per gradient dtype present and alignment class (see
+    :func:`_utils.is_aligned`): usually two launches, the aligned weights and the odd-sized rest.
 
     Non-contiguous gradients are made contiguous (the kernel indexes ``[N, n]`` rows); a
     non-contiguous Fisher buffer is updated through a contiguous copy written back afterwards.
@@ -52,14 +58,15 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
     block = _utils.block_size("fisher")
     n_samples = grads[0].shape[0] if per_sample else 1
     device = fisher[0].device
-    groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    groups: dict[tuple[torch.dtype, bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for f, g in zip(fisher, grads, strict=True):
         if f.numel() == 0 or n_samples == 0:
             continue
         g = g.contiguous()
         work = f if f.is_contiguous() else f.contiguous()
-        groups.setdefault(g.dtype, []).append((f, work, g))
-    for dtype, items in groups.items():
+        aligned = _utils.is_aligned((work.data_ptr(), g.data_ptr()), work.numel())
+        groups.setdefault((g.dtype, aligned), []).append((f, work, g))
+    for (dtype, aligned), items in groups.items():
         starts, total_blocks = _utils.block_starts([w.numel() for _, w, _ in items], block)
         rows = [(w.data_ptr(), g.data_ptr(), w.numel(), s) for (_, w, g), s in zip(items, starts, strict=True)]
         table = _utils.segment_table(rows, device)
@@ -71,6 +78,7 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
             LOG_SEGMENTS=_utils.log2_ceil(len(rows)),
             G_DTYPE=_utils.TL_DTYPES[dtype],
             BLOCK=block,
+            ALIGNED=aligned,
             num_warps=_utils.num_warps(block),
         )
         for f, work, _ in items:

@@ -28,6 +28,7 @@ def _masked_grad_average_kernel(
     G_DTYPE: tl.constexpr,  # gradient element type (fp16/bf16/fp32)
     O_DTYPE: tl.constexpr,  # output element type (fp16/bf16/fp32/fp64)
     BLOCK: tl.constexpr,  # entries per program, a multiple of 32
+    ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     pid = tl.program_id(0).to(tl.int64)
     seg = _utils.find_segment(table_ptr + 3, 5, n_segments, pid, LOG_SEGMENTS)
@@ -37,6 +38,10 @@ def _masked_grad_average_kernel(
     n = tl.load(row + 2)
     first = tl.load(row + 3)
     word_off = tl.load(row + 4)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        o_ptr = tl.multiple_of(o_ptr, 16)
+        n = tl.multiple_of(n, 8)
     offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     word_idx = word_off + offs // 32
@@ -47,9 +52,10 @@ def _masked_grad_average_kernel(
         # Each word is gathered by its 32 entries; they hit the same cache line.
         w = tl.load(words_ptr + t * n_words + word_idx, mask=mask, other=0)
         bit = (w >> shift) & 1
-        # Unselected entries are not read: their sectors are skipped when a whole one is unset.
-        g = tl.load(g_ptr + t * n + offs, mask=mask & (bit != 0), other=0.0).to(tl.float32)
-        acc += g
+        # Multiplying by the bit (as the reference's ``g * S`` does, inf * 0 included) rather than
+        # masking the load keeps the load mask constant over 16-byte groups (vector loads).
+        g = tl.load(g_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += g * bit.to(tl.float32)
         count += bit
     if SELECTED:
         avg = tl.where(count > 0, acc / tl.maximum(count, 1).to(tl.float32), 0.0)
@@ -63,22 +69,24 @@ def masked_grad_average_forward(
 ) -> None:
     """Write the masked average of ``grads`` (``[T, *shape_i]``) into ``out`` (``shape_i``).
 
-    One launch per distinct (gradient dtype, output dtype) pair, normally one. A non-contiguous
+    One launch per (gradient dtype, output dtype, alignment class), normally one or two. A non-contiguous
     ``out`` tensor is written through a contiguous buffer and copied back.
     """
     block = _utils.block_size("average")
     device = words.device
     num_tasks, n_words = words.shape
-    groups: dict[tuple[torch.dtype, torch.dtype], list] = {}
+    groups: dict[tuple[torch.dtype, torch.dtype, bool], list] = {}
     word_off = 0
     for g, o in zip(grads, out, strict=True):
         n = o.numel()
         if n:
             work = o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=o.device)
-            groups.setdefault((g.dtype, o.dtype), []).append((g.contiguous(), o, work, word_off))
+            g = g.contiguous()
+            aligned = _utils.is_aligned((g.data_ptr(), work.data_ptr()), n)
+            groups.setdefault((g.dtype, o.dtype, aligned), []).append((g, o, work, word_off))
         word_off += triton.cdiv(n, 32)
     words = words.contiguous()
-    for (g_dtype, o_dtype), items in groups.items():
+    for (g_dtype, o_dtype, aligned), items in groups.items():
         starts, total_blocks = _utils.block_starts([o.numel() for _, o, _, _ in items], block)
         rows = [
             (g.data_ptr(), w.data_ptr(), w.numel(), s, off) for (g, _, w, off), s in zip(items, starts, strict=True)
@@ -95,6 +103,7 @@ def masked_grad_average_forward(
             G_DTYPE=_utils.TL_DTYPES[g_dtype],
             O_DTYPE=_utils.TL_DTYPES[o_dtype],
             BLOCK=block,
+            ALIGNED=aligned,
             num_warps=_utils.num_warps(block),
         )
         for _, o, work, _ in items:

@@ -3,7 +3,7 @@
 1. Keys: float32 scores map to order-preserving uint32 keys (``-0.0`` is first turned into
    ``+0.0``; positive floats get the sign bit set, negative floats are bit-inverted), so a larger
    key is a larger score and ``+inf`` has the largest key of any non-NaN score.
-2. Radix select: four histogram passes over 8-bit digits, most significant first. Pass ``d``
+2. Radix select: three histogram passes over digits of 11, 11 and 10 bits, most significant first. Pass ``d``
    histograms the digit of the keys whose higher digits equal the prefix chosen so far; a
    one-program-per-task select kernel then picks the digit that holds the ``k_rem``-th largest
    key and subtracts the counts above it. After the last pass the prefix *is* the key of
@@ -16,13 +16,12 @@
    ``thr`` and of the ties whose rank (position order: parameter, then flat index) is below
    ``k_rem``, packed into the per-parameter word-aligned int32 words of :mod:`fsmtl_kernels.mask`.
 
-Why 8-bit digits: on NVIDIA GPUs ``tl.histogram`` builds each warp's histogram from one ballot
-per index bit and a popcount per bin owned by the thread, so its cost grows with the number of
-bins; 256 bins keep a pass close to a plain read, where 2048-bin (11-bit) passes would be compute
-bound (an estimate from the lowering, not a measurement: no GPU was available when this was written).
+Digit width: ``tl.histogram`` lowers to one shared-memory atomic per entry (triton 3.9, sm_90
+PTX inspected: ``atom.shared``; 8 KB of shared memory for 2048 bins), so an 11-bit digit costs
+about what an 8-bit one does per pass, saves a pass, and spreads equal digits over more bins.
 
-No concatenated copy and no sort: the scores are read once per pass (4 histogram passes and the
-write, plus the count when ties are split: 5-6 reads of ``4 * P`` bytes per task) and ``P / 8``
+No concatenated copy and no sort: the scores are read once per pass (3 histogram passes and the
+write, plus the count when ties are split: 4-5 reads of ``4 * P`` bytes per task) and ``P / 8``
 bytes of mask written.
 """
 
@@ -37,8 +36,11 @@ import triton.language as tl
 from . import _utils
 
 #: (shift, bits) of each radix pass, most significant digit first.
-DIGITS = ((24, 8), (16, 8), (8, 8), (0, 8))
-MAX_BINS = 1 << max(bits for _, bits in DIGITS)
+DIGITS = ((21, 11), (10, 11), (0, 10))
+MAX_BINS = tl.constexpr(1 << max(bits for _, bits in DIGITS))
+#: Columns of the segment table: scores pointer ([T, n] contiguous), n, first block in this
+#: launch, word offset of the parameter's mask, first block in position order over all parameters.
+COLUMNS = tl.constexpr(5)
 
 
 @triton.jit
@@ -50,36 +52,42 @@ def _order_keys(x):
 
 
 @triton.jit
-def _load_block_keys(table_ptr, n_segments, block, task, LOG_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr, active):
-    """Keys of global block ``block`` of task ``task``, its in-range mask, and the table row
-    (nothing is read where ``active`` is False)."""
-    seg = _utils.find_segment(table_ptr + 2, 4, n_segments, block, LOG_SEGMENTS)
-    row = table_ptr + seg * 4
+def _load_block_keys(
+    table_ptr, n_segments, block, task, active, LOG_SEGMENTS: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr
+):
+    """Keys of block ``block`` (of this launch) of task ``task`` and their in-range mask (nothing
+    is read where ``active`` is False), with the parameter's size, the block's index inside the
+    parameter, the parameter's word offset and the block's index in position order."""
+    seg = _utils.find_segment(table_ptr + 2, COLUMNS, n_segments, block, LOG_SEGMENTS)
+    row = table_ptr + seg * COLUMNS
     s_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     n = tl.load(row + 1)
-    first = tl.load(row + 2)
+    local = block - tl.load(row + 2)
     word_off = tl.load(row + 3)
-    local = block - first
+    global_block = tl.load(row + 4) + local
+    if ALIGNED:
+        s_ptr = tl.multiple_of(s_ptr, 16)
+        n = tl.multiple_of(n, 8)
     offs = local * BLOCK + tl.arange(0, BLOCK)
     # Folding ``active`` into the bound (not ``& active``) keeps the mask a plain comparison.
     mask = offs < tl.where(active, n, 0)
     x = tl.load(s_ptr + task * n + offs, mask=mask, other=0.0)
-    return _order_keys(x), mask, n, local, word_off
+    return _order_keys(x), mask, n, local, word_off, global_block
 
 
 @triton.jit
 def _radix_histogram_kernel(
-    table_ptr,  # int64 [S, 4]: scores pointer ([T, n] contiguous), n, first block, word offset
+    table_ptr,  # int64 [S, COLUMNS] segment table of this launch
     state_ptr,  # int64 [T, 3]: key prefix chosen so far, entries still to take (k_rem), ties
-    hist_ptr,  # int64 [T, MAX_BINS] histogram of this pass, zero on entry
+    hist_ptr,  # int64 [T, MAX_BINS] histogram of this pass, zero before the pass's first launch
     n_segments,  # rows of the table
-    total_blocks,  # blocks over all parameters
+    n_blocks,  # blocks of this launch
     SHIFT: tl.constexpr,  # lowest bit of this pass's digit
     BITS: tl.constexpr,  # digit width
     FILTER: tl.constexpr,  # False on the first pass (no prefix yet)
     LOG_SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
-    NB_STRIDE: tl.constexpr,  # row stride of hist (MAX_BINS)
+    ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     """Histogram of digit ``(key >> SHIFT) & (2**BITS - 1)`` over the keys whose higher bits
     equal the prefix; a grid-stride loop over blocks, one atomic add per program and bin."""
@@ -89,14 +97,15 @@ def _radix_histogram_kernel(
     prefix = tl.load(state_ptr + task * 3).to(tl.uint32)
     hist = tl.zeros([1 << BITS], dtype=tl.int32)
     # Blocks pid, pid + step, ...; an explicit trip count keeps the block index int64.
-    for i in range(tl.cdiv(total_blocks - pid, step)):
-        b = pid + i * step
-        key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, True)
+    for i in range(tl.cdiv(n_blocks - pid, step)):
+        key, mask, _n, _local, _w, _g = _load_block_keys(
+            table_ptr, n_segments, pid + i * step, task, True, LOG_SEGMENTS, BLOCK, ALIGNED
+        )
         if FILTER:
             mask = mask & ((key >> (SHIFT + BITS)) == (prefix >> (SHIFT + BITS)))
         digit = ((key >> SHIFT) & ((1 << BITS) - 1)).to(tl.int32)
         hist += tl.histogram(digit, 1 << BITS, mask=mask)
-    tl.atomic_add(hist_ptr + task * NB_STRIDE + tl.arange(0, 1 << BITS), hist.to(tl.int64))
+    tl.atomic_add(hist_ptr + task * MAX_BINS + tl.arange(0, 1 << BITS), hist.to(tl.int64))
 
 
 @triton.jit
@@ -105,13 +114,12 @@ def _radix_select_kernel(
     hist_ptr,  # int64 [T, MAX_BINS] this pass's histogram
     SHIFT: tl.constexpr,
     BITS: tl.constexpr,
-    NB_STRIDE: tl.constexpr,
 ):
     """Pick the digit holding the ``k_rem``-th largest key: the largest ``d`` whose suffix count
     ``sum_{j >= d} hist[j]`` reaches ``k_rem``; the counts above ``d`` are taken outright."""
     task = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, 1 << BITS)
-    h = tl.load(hist_ptr + task * NB_STRIDE + idx)
+    h = tl.load(hist_ptr + task * MAX_BINS + idx)
     prefix = tl.load(state_ptr + task * 3)
     k_rem = tl.load(state_ptr + task * 3 + 1)
     suffix = tl.cumsum(h, 0, reverse=True)
@@ -128,11 +136,12 @@ def _radix_select_kernel(
 def _tie_count_kernel(
     table_ptr,
     state_ptr,  # int64 [T, 3]: threshold key, ties to take, ties in all
-    counts_ptr,  # int32 [T, total_blocks] ties per block (written)
+    counts_ptr,  # int32 [T, total_blocks] ties per block in position order (written)
     n_segments,
-    total_blocks,
+    total_blocks,  # blocks over all launches (row stride of counts)
     LOG_SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Number of entries of each block whose key equals the threshold key. Tasks that take all
     their ties skip it: every load is masked off, so no score is read."""
@@ -140,22 +149,25 @@ def _tie_count_kernel(
     task = tl.program_id(1).to(tl.int64)
     thr = tl.load(state_ptr + task * 3).to(tl.uint32)
     split = tl.load(state_ptr + task * 3 + 1) < tl.load(state_ptr + task * 3 + 2)
-    key, mask, _n, _local, _w = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, split)
+    key, mask, _n, _local, _w, global_block = _load_block_keys(
+        table_ptr, n_segments, b, task, split, LOG_SEGMENTS, BLOCK, ALIGNED
+    )
     ties = (key == thr) & mask
-    tl.store(counts_ptr + task * total_blocks + b, tl.sum(ties.to(tl.int32), 0))
+    tl.store(counts_ptr + task * total_blocks + global_block, tl.sum(ties.to(tl.int32), 0))
 
 
 @triton.jit
 def _mask_write_kernel(
     table_ptr,
     state_ptr,  # int64 [T, 3]: threshold key, ties to take, ties in all
-    tie_prefix_ptr,  # int64 [T, total_blocks] inclusive cumulative tie counts over blocks
+    tie_prefix_ptr,  # int64 [T, total_blocks] inclusive cumulative tie counts in position order
     words_ptr,  # int32 [T, n_words] packed mask (written)
     n_segments,
     total_blocks,
     n_words,
     LOG_SEGMENTS: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """Bits of the block: key > thr, or key == thr with tie rank < ties to take; packed 32 per
     int32 word (bit ``j % 32`` of word ``j // 32``), padding bits 0."""
@@ -164,10 +176,12 @@ def _mask_write_kernel(
     thr = tl.load(state_ptr + task * 3).to(tl.uint32)
     need = tl.load(state_ptr + task * 3 + 1)
     take_all = need >= tl.load(state_ptr + task * 3 + 2)
-    key, mask, n, local, word_off = _load_block_keys(table_ptr, n_segments, b, task, LOG_SEGMENTS, BLOCK, True)
+    key, mask, n, local, word_off, global_block = _load_block_keys(
+        table_ptr, n_segments, b, task, True, LOG_SEGMENTS, BLOCK, ALIGNED
+    )
     ties = ((key == thr) & mask).to(tl.int32)
     inclusive = tl.cumsum(ties, 0)
-    first_rank = tl.load(tie_prefix_ptr + task * total_blocks + b) - tl.sum(ties, 0)
+    first_rank = tl.load(tie_prefix_ptr + task * total_blocks + global_block) - tl.sum(ties, 0)
     rank = first_rank + (inclusive - ties).to(tl.int64)
     selected = ((key > thr) & mask) | ((ties != 0) & (take_all | (rank < need)))
     bits = tl.reshape(selected.to(tl.int32), [BLOCK // 32, 32]) << tl.arange(0, 32)[None, :]
@@ -181,6 +195,8 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
     """Packed masks ``[T, W]`` int32 of the ``ks[t]`` largest scores of each task.
 
     ``scores``: contiguous float32 ``[T, *shape_i]`` (the public function makes them so).
+    Parameters are launched in (at most) two groups, those allowing 128-bit loads and the
+    others; blocks keep their position-order index, so tie ranks span both groups.
     """
     device = scores[0].device
     num_tasks = scores[0].shape[0]
@@ -191,55 +207,43 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
     if num_tasks == 0 or n_words == 0:
         return words
     block = _utils.block_size("topk")
+    warps = _utils.num_warps(block)
     live, word_off = [], 0
     for s, n, w in zip(scores, numels, word_counts, strict=True):
         if n:
             live.append((s.contiguous(), n, word_off))
         word_off += w
-    starts, total_blocks = _utils.block_starts([n for _, n, _ in live], block)
-    rows = [(s.data_ptr(), n, first, off) for (s, n, off), first in zip(live, starts, strict=True)]
-    table = _utils.segment_table(rows, device)
-    log_segments = _utils.log2_ceil(len(rows))
-    warps = _utils.num_warps(block)
+    global_starts, total_blocks = _utils.block_starts([n for _, n, _ in live], block)
+    items = [(s, n, off, first) for (s, n, off), first in zip(live, global_starts, strict=True)]
+    launches = []
+    for aligned, group in _utils.split_by_alignment(
+        items, [(s.data_ptr(),) for s, *_ in items], [n for _, n, *_ in items]
+    ):
+        local_starts, n_blocks = _utils.block_starts([n for _, n, _, _ in group], block)
+        rows = [
+            (s.data_ptr(), n, local, off, first) for (s, n, off, first), local in zip(group, local_starts, strict=True)
+        ]
+        meta = {"LOG_SEGMENTS": _utils.log2_ceil(len(rows)), "BLOCK": block, "ALIGNED": aligned, "num_warps": warps}
+        launches.append((_utils.segment_table(rows, device), len(rows), n_blocks, meta))
 
     state = torch.tensor([[0, k, 0] for k in ks], dtype=torch.int64, device=device)
-    hist = torch.zeros(len(DIGITS), num_tasks, MAX_BINS, dtype=torch.int64, device=device)
-    programs = _utils.persistent_programs(device, total_blocks)
+    hist = torch.zeros(len(DIGITS), num_tasks, MAX_BINS.value, dtype=torch.int64, device=device)
     for i, (shift, bits) in enumerate(DIGITS):
-        _radix_histogram_kernel[(programs, num_tasks)](
-            table,
-            state,
-            hist[i],
-            len(rows),
-            total_blocks,
-            SHIFT=shift,
-            BITS=bits,
-            FILTER=i > 0,
-            LOG_SEGMENTS=log_segments,
-            BLOCK=block,
-            NB_STRIDE=MAX_BINS,
-            num_warps=warps,
-        )
-        _radix_select_kernel[(num_tasks,)](state, hist[i], SHIFT=shift, BITS=bits, NB_STRIDE=MAX_BINS)
+        for table, n_segments, n_blocks, meta in launches:
+            programs = _utils.persistent_programs(device, n_blocks)
+            _radix_histogram_kernel[(programs, num_tasks)](
+                table, state, hist[i], n_segments, n_blocks, SHIFT=shift, BITS=bits, FILTER=i > 0, **meta
+            )
+        _radix_select_kernel[(num_tasks,)](state, hist[i], SHIFT=shift, BITS=bits)
 
     counts = torch.empty(num_tasks, total_blocks, dtype=torch.int32, device=device)
-    grid = (total_blocks, num_tasks)
-    _tie_count_kernel[grid](
-        table, state, counts, len(rows), total_blocks, LOG_SEGMENTS=log_segments, BLOCK=block, num_warps=warps
-    )
+    for table, n_segments, n_blocks, meta in launches:
+        _tie_count_kernel[(n_blocks, num_tasks)](table, state, counts, n_segments, total_blocks, **meta)
     tie_prefix = torch.cumsum(counts, dim=1, dtype=torch.int64)
-    _mask_write_kernel[grid](
-        table,
-        state,
-        tie_prefix,
-        words,
-        len(rows),
-        total_blocks,
-        n_words,
-        LOG_SEGMENTS=log_segments,
-        BLOCK=block,
-        num_warps=warps,
-    )
+    for table, n_segments, n_blocks, meta in launches:
+        _mask_write_kernel[(n_blocks, num_tasks)](
+            table, state, tie_prefix, words, n_segments, total_blocks, n_words, **meta
+        )
     return words
 
 
