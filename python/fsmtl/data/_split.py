@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
@@ -17,29 +19,42 @@ def check_fraction(value: float, name: str, *, allow_zero: bool = False) -> floa
     return float(value)
 
 
+def _stratify_if_possible(stratify: np.ndarray | None, n: int, test_fraction: float) -> np.ndarray | None:
+    """``stratify``, or None where a stratified split cannot exist (a class with < 2 samples, or a side
+    smaller than the number of classes, as happens with a tiny ``limit``); then the split is plain random."""
+    if stratify is None:
+        return None
+    counts = np.unique(stratify, return_counts=True)[1]
+    n_test = math.ceil(test_fraction * n)
+    if counts.min() < 2 or n_test < len(counts) or n - n_test < len(counts):
+        return None
+    return stratify
+
+
 def three_way_split(
     n: int, *, val_fraction: float, test_fraction: float, seed: int, stratify: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split ``range(n)`` into disjoint sorted train/val/test index arrays (int64).
 
-    Stratified by ``stratify`` (one label per sample) when given, so every class keeps its share in
-    each split; deterministic given ``seed``.
+    Stratified by ``stratify`` (one label per sample) when given and possible, so every class keeps
+    its share in each split; deterministic given ``seed``.
     """
     index = np.arange(n)
-    rest, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
-    strat_rest = None if stratify is None else stratify[rest]
-    train, val = train_test_split(
-        rest, test_size=val_fraction / (1.0 - test_fraction), random_state=seed + 1, stratify=strat_rest
-    )
+    strat = _stratify_if_possible(stratify, n, test_fraction)
+    rest, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=strat)
+    val_share = val_fraction / (1.0 - test_fraction)
+    strat_rest = None if stratify is None else _stratify_if_possible(stratify[rest], len(rest), val_share)
+    train, val = train_test_split(rest, test_size=val_share, random_state=seed + 1, stratify=strat_rest)
     return np.sort(train), np.sort(val), np.sort(test)
 
 
 def carve_validation(
     n: int, *, val_fraction: float, seed: int, stratify: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into sorted train and val index arrays, stratified when labels are given."""
+    """Split ``range(n)`` into sorted train and val index arrays, stratified when labels are given and possible."""
     index = np.arange(n)
-    train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=stratify)
+    strat = _stratify_if_possible(stratify, n, val_fraction)
+    train, val = train_test_split(index, test_size=val_fraction, random_state=seed, stratify=strat)
     return np.sort(train), np.sort(val)
 
 

@@ -126,8 +126,8 @@ def dkl_mnist(
     Tasks: ``mnist`` (10 classes), ``kmnist`` (10 classes), ``emnist_letters`` (26 classes; the
     files' labels 1..26 become 0..25, and the images, stored transposed in EMNIST, are transposed
     back to upright). Test = each data set's test files; val = ``val_fraction`` of each train set
-    (stratified, seeded). Pixels are scaled to [0, 1] and standardized with one mean and std pooled
-    over the three train sets.
+    (stratified where every class fits, seeded). Pixels are scaled to [0, 1] and standardized with
+    one mean and std pooled over the three train sets.
 
     Args:
         seed: seeds the validation split and the ``limit`` subsampling.
@@ -163,10 +163,9 @@ def dkl_mnist(
         tr_x, tr_y, te_x, te_y = tr_x[keep_tr], tr_y[keep_tr], te_x[keep_te], te_y[keep_te]
         if transposed:
             tr_x, te_x = tr_x.transpose(1, 2), te_x.transpose(1, 2)
-        counts = np.bincount(tr_y.numpy(), minlength=num_classes)
-        # Stratify only when every class has at least 2 train samples (a tiny limit may break that).
-        stratify = tr_y.numpy() if counts.min() >= 2 else None
-        train_idx, val_idx = carve_validation(len(tr_y), val_fraction=val_fraction, seed=seed + t, stratify=stratify)
+        train_idx, val_idx = carve_validation(
+            len(tr_y), val_fraction=val_fraction, seed=seed + t, stratify=tr_y.numpy()
+        )
         parts.append(((tr_x[train_idx], tr_y[train_idx]), (tr_x[val_idx], tr_y[val_idx]), (te_x, te_y)))
         tasks.append(Task(name, "multiclass", num_classes))
     # One scalar mean/std over all train pixels of the three tasks: the shared trunk sees one input scale.
