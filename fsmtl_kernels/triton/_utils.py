@@ -6,6 +6,12 @@ entry count, first global block, word offset); program ``b`` of the 1-D block gr
 parameter by a binary search over the rows' first-block column (:func:`find_segment`). No
 gradient or score is copied or concatenated. Under ``TRITON_INTERPRET=1`` the table holds host
 addresses of CPU tensors, which the interpreter dereferences directly (checked by the tests).
+
+Parameters whose pointers are 16-byte aligned and whose sizes are multiples of 8 go in one
+launch compiled with alignment hints (128-bit loads), the others in a second launch without:
+a pointer read from a table has no alignment the compiler can see, and one odd-sized bias
+would otherwise cost every weight its vector loads. So an op is one launch per alignment class
+(and per dtype where dtypes differ), usually one or two, never one per parameter.
 """
 
 from __future__ import annotations
@@ -42,9 +48,18 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def block_size(op: str):
-    """The block size of ``op`` for the current mode (interpreter or GPU)."""
-    return (INTERPRETER_BLOCKS if is_interpreter() else GPU_BLOCKS)[op]
+def block_size(op: str, largest: int | None = None):
+    """The block size of ``op`` for the current mode (interpreter or GPU).
+
+    Interpreted, a block never exceeds the largest parameter (``largest`` entries, rounded up to
+    a power of two, at least 32): each interpreted operation costs in proportion to the block.
+    """
+    if not is_interpreter():
+        return GPU_BLOCKS[op]
+    block = INTERPRETER_BLOCKS[op]
+    if largest is not None and op != "linear":
+        block = min(block, max(32, triton.next_power_of_2(largest)))
+    return block
 
 
 def num_warps(block: int) -> int:

@@ -55,7 +55,7 @@ def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tens
     Non-contiguous gradients are made contiguous (the kernel indexes ``[N, n]`` rows); a
     non-contiguous Fisher buffer is updated through a contiguous copy written back afterwards.
     """
-    block = _utils.block_size("fisher")
+    block = _utils.block_size("fisher", max(f.numel() for f in fisher))
     n_samples = grads[0].shape[0] if per_sample else 1
     device = fisher[0].device
     groups: dict[tuple[torch.dtype, bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}

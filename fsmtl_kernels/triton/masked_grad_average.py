@@ -72,7 +72,7 @@ def masked_grad_average_forward(
     One launch per (gradient dtype, output dtype, alignment class), normally one or two. A non-contiguous
     ``out`` tensor is written through a contiguous buffer and copied back.
     """
-    block = _utils.block_size("average")
+    block = _utils.block_size("average", max(o.numel() for o in out))
     device = words.device
     num_tasks, n_words = words.shape
     groups: dict[tuple[torch.dtype, torch.dtype, bool], list] = {}

@@ -206,7 +206,7 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
     words = torch.empty(num_tasks, n_words, dtype=torch.int32, device=device)
     if num_tasks == 0 or n_words == 0:
         return words
-    block = _utils.block_size("topk")
+    block = _utils.block_size("topk", max(numels))
     warps = _utils.num_warps(block)
     live, word_off = [], 0
     for s, n, w in zip(scores, numels, word_counts, strict=True):
