@@ -255,5 +255,5 @@ def topk_mask_op(scores, ks):
 
 @topk_mask_op.register_fake
 def _(scores, ks):
-    n_words = sum((s[0].numel() + 31) // 32 for s in scores)
+    n_words = sum(triton.cdiv(math.prod(s.shape[1:]), 32) for s in scores)
     return scores[0].new_empty((scores[0].shape[0], n_words), dtype=torch.int32)
