@@ -12,7 +12,9 @@ def _csv(kind):
         try:
             values = [kind(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
         if not values:
             raise argparse.ArgumentTypeError("expected at least one value")
         return values
@@ -39,13 +41,12 @@ def _parse_value(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import BENCHMARKS
-    from .experiment import METHODS, ExperimentConfig
+    from .experiment import ALL_BENCHMARKS, METHODS, ExperimentConfig
 
     d = ExperimentConfig()
     parser = argparse.ArgumentParser(prog="fsmtl", description="Fisher Sparse Multi-Task Learning (AAAI-24).")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_help = "; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items())
+    bench_help = "; ".join(f"{k}: {v}" for k, v in ALL_BENCHMARKS.items())
     run = sub.add_parser(
         "run",
         help="train and compare methods on a benchmark",
@@ -55,12 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument("--benchmark", default=d.benchmark, help=f"benchmark name ({bench_help})")
-    run.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                     help="benchmark option or data path, e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist")
+    run.add_argument(
+        "--option",
+        "-o",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="benchmark option or data path, e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist",
+    )
     run.add_argument("--methods", type=_csv(str), default=list(d.methods), help=f"comma-separated subset of {METHODS}")
     run.add_argument("--seeds", type=_csv(int), default=list(d.seeds), help="comma-separated seeds")
-    run.add_argument("--keep-ratios", type=_csv(float), default=list(d.keep_ratios),
-                     help="grid of keep ratios p for the sparse methods, chosen on validation")
+    run.add_argument(
+        "--keep-ratios",
+        type=_csv(float),
+        default=list(d.keep_ratios),
+        help="grid of keep ratios p for the sparse methods, chosen on validation",
+    )
     run.add_argument("--epochs", type=int, default=d.epochs)
     run.add_argument("--batch-size", type=int, default=d.batch_size)
     run.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
@@ -69,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--update-every", type=int, default=d.update_every, help="epochs between mask updates")
     run.add_argument("--samples", type=int, default=d.samples, help="examples per task for each Fisher estimate")
     run.add_argument("--mask-forward", action="store_true", help="run each task's forward on S_t * theta (Eq. 3)")
-    run.add_argument("--normalize", choices=("tasks", "selected"), default=d.normalize,
-                     help="divide the masked sum by T, or by the number of tasks selecting each entry")
+    run.add_argument(
+        "--normalize",
+        choices=("tasks", "selected"),
+        default=d.normalize,
+        help="divide the masked sum by T, or by the number of tasks selecting each entry",
+    )
     run.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
     run.add_argument("--out", type=Path, default=Path("fsmtl-results"), help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -113,8 +129,10 @@ def run_command(args) -> int:
     write_csv(results, args.out / "results.csv")
     figures = plot_figures(results, args.out)
     print(table)
-    print(f"\n{results['seconds']:.0f} s; wrote {args.out}/results.json, results.csv, table.txt, "
-          + ", ".join(p.name for p in figures))
+    print(
+        f"\n{results['seconds']:.0f} s; wrote {args.out}/results.json, results.csv, table.txt, "
+        + ", ".join(p.name for p in figures)
+    )
     return 0
 
 
@@ -123,9 +141,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "benchmarks":
-            from .data import BENCHMARKS
+            from .experiment import ALL_BENCHMARKS
 
-            for name, text in BENCHMARKS.items():
+            for name, text in ALL_BENCHMARKS.items():
                 print(f"{name}: {text}")
             return 0
         return run_command(args)

@@ -3,6 +3,7 @@ seeds, keep ratio chosen on validation, results on test (Tables 1-2)."""
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -10,15 +11,34 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import Benchmark, Split, load_benchmark
+from .data import BENCHMARKS, Benchmark, Split, celeba, cityscapes, dkl_mnist, load_benchmark
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
-from .model import MultiTaskModel, count_nonzero_shared
+from .model import count_nonzero_shared
 from .models import build_model
-from .strategies import EqualWeighting, FisherSparse, MaskSchedule, RandomSparse, Strategy
+from .strategies import (
+    AGGREGATORS,
+    EqualWeighting,
+    FisherSparse,
+    JacobianAggregation,
+    MaskSchedule,
+    RandomSparse,
+    Strategy,
+)
 from .trainer import Trainer
 
 SPARSE_METHODS = ("rs", "fs", "efs", "grad2", "absgrad")
-METHODS = ("stl", "mtl", *SPARSE_METHODS)
+GRADIENT_METHODS = tuple(AGGREGATORS)
+METHODS = ("stl", "mtl", *SPARSE_METHODS, *GRADIENT_METHODS)
+# The paper's data sets, read from local paths given as options (-o KEY=VALUE on the command line).
+FILE_BENCHMARKS = {
+    "dkl-mnist": (dkl_mnist, "options mnist_dir, kmnist_dir, emnist_letters_dir (IDX files); optional limit"),
+    "celeba": (
+        celeba,
+        "options attr_file, image_dir, attributes (comma-separated names); optional image_size, limit, partition_file",
+    ),
+    "cityscapes": (cityscapes, "option root (MTAN/LibMTL .npy layout); optional limit"),
+}
+ALL_BENCHMARKS = {**BENCHMARKS, **{k: f"local files, {v[1]}" for k, v in FILE_BENCHMARKS.items()}}
 PRIMARY_METRIC = {"binary": "f1", "multiclass": "f1", "segmentation": "miou", "depth": "abs_err", "regression": "mse"}
 
 
@@ -63,6 +83,25 @@ class ExperimentConfig:
             raise ValueError(f"device={self.device!r} is not usable here: {exc}") from None
 
 
+def load(name: str, options: dict) -> Benchmark:
+    """An embedded benchmark by name, or one of the paper's data sets from the paths in ``options``."""
+    if name not in FILE_BENCHMARKS:
+        return load_benchmark(name, **options)
+    builder, needs = FILE_BENCHMARKS[name]
+    required = [
+        p.name
+        for p in inspect.signature(builder).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+    missing = [r for r in required if r not in options]
+    if missing:
+        raise ValueError(f"benchmark {name!r} needs {needs}; missing {missing}")
+    options = dict(options)
+    if isinstance(options.get("attributes"), str):
+        options["attributes"] = [a for a in options["attributes"].split(",") if a]
+    return builder(**options)
+
+
 def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> float:
     """Mean over tasks of each task's primary metric, signed so that higher is better."""
     scores = []
@@ -75,6 +114,8 @@ def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> flo
 def _strategy(method: str, keep_ratio: float, cfg: ExperimentConfig) -> Strategy:
     if method in ("stl", "mtl"):
         return EqualWeighting()
+    if method in GRADIENT_METHODS:
+        return JacobianAggregation(method)
     common = dict(
         schedule=MaskSchedule(warmup=cfg.warmup, every=cfg.update_every),
         mask_forward=cfg.mask_forward,
@@ -96,8 +137,15 @@ def train_once(
     if method == "stl":
         runs = []
         for t, task in enumerate(benchmark.tasks):
-            sub = Benchmark(benchmark.name, [task], True, benchmark.input_shape,
-                            _one_task(benchmark.train, t), _one_task(benchmark.val, t), _one_task(benchmark.test, t))
+            sub = Benchmark(
+                benchmark.name,
+                [task],
+                True,
+                benchmark.input_shape,
+                _one_task(benchmark.train, t),
+                _one_task(benchmark.val, t),
+                _one_task(benchmark.test, t),
+            )
             runs.append(train_once(sub, "mtl", seed, 1.0, cfg, progress))
         return {
             "val": [r["val"][0] for r in runs],
@@ -133,15 +181,19 @@ def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> i
     return -(-max(sizes) // cfg.batch_size) * cfg.epochs
 
 
-def run_experiment(cfg: ExperimentConfig, *, benchmark: Benchmark | None = None,
-                   progress_factory: Callable[[int], object] | None = None) -> dict:
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    benchmark: Benchmark | None = None,
+    progress_factory: Callable[[int], object] | None = None,
+) -> dict:
     """Run every method of ``cfg`` over its seeds (and keep ratios for the sparse ones).
 
     For a sparse method, each keep ratio is trained with every seed, the ratio with the best
     mean validation score (mean over tasks of F-score / mIoU / -abs. error / -MSE) is kept, and
     its test metrics are reported. Returns a JSON-ready dict.
     """
-    benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
+    benchmark = benchmark if benchmark is not None else load(cfg.benchmark, cfg.benchmark_options)
     total = sum(
         steps_per_run(benchmark, m, cfg) * len(cfg.seeds) * (len(cfg.keep_ratios) if m in SPARSE_METHODS else 1)
         for m in cfg.methods
@@ -168,9 +220,12 @@ def run_experiment(cfg: ExperimentConfig, *, benchmark: Benchmark | None = None,
         r["avg_rank"] = ranks.get(m)
     return {
         "config": asdict(cfg),
-        "benchmark": {"name": benchmark.name, "tasks": [asdict(t) for t in benchmark.tasks],
-                      "homogeneous": benchmark.homogeneous, "sizes": {
-                          s: getattr(benchmark, s).sizes for s in ("train", "val", "test")}},
+        "benchmark": {
+            "name": benchmark.name,
+            "tasks": [asdict(t) for t in benchmark.tasks],
+            "homogeneous": benchmark.homogeneous,
+            "sizes": {s: getattr(benchmark, s).sizes for s in ("train", "val", "test")},
+        },
         "methods": methods,
         "seconds": time.perf_counter() - started,
     }

@@ -10,7 +10,6 @@ import torch
 import fsmtl_kernels as fk
 
 
-
 def per_task_gradients(
     losses: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, batched: bool = True
 ) -> list[torch.Tensor]:

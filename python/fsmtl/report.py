@@ -8,8 +8,24 @@ from pathlib import Path
 
 from .metrics import METRIC_DIRECTION
 
-METHOD_LABELS = {"stl": "STL", "mtl": "MTL", "rs": "RS", "fs": "FS", "efs": "EFS", "grad2": "GRAD2",
-                 "absgrad": "ABSGRAD"}
+METHOD_LABELS = {
+    "stl": "STL",
+    "mtl": "MTL",
+    "rs": "RS",
+    "fs": "FS",
+    "efs": "EFS",
+    "grad2": "GRAD2",
+    "absgrad": "ABSGRAD",
+    "mgda": "MGDA",
+    "pcgrad": "PCGrad",
+    "cagrad": "CAGrad",
+    "nashmtl": "Nash-MTL",
+    "rgw": "RGW",
+    "upgrad": "UPGrad",
+    "imtlg": "IMTL-G",
+    "dualproj": "DualProj",
+    "alignedmtl": "Aligned-MTL",
+}
 
 
 def _metric_names(results: dict) -> list[str]:
@@ -32,8 +48,10 @@ def format_table(results: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     bench = results["benchmark"]
-    title = (f"{bench['name']}: {len(bench['tasks'])} tasks, test set, mean +- std over "
-             f"{len(results['config']['seeds'])} seeds (^ higher is better, v lower)")
+    title = (
+        f"{bench['name']}: {len(bench['tasks'])} tasks, test set, mean +- std over "
+        f"{len(results['config']['seeds'])} seeds (^ higher is better, v lower)"
+    )
     return "\n".join([title, *lines])
 
 
@@ -51,8 +69,9 @@ def write_csv(results: dict, path: Path) -> None:
         for method, r in results["methods"].items():
             for task, metrics in zip(tasks, r["test_per_task"]):
                 writer.writerow([method, r["keep_ratio"], task, *[metrics.get(n, "") for n in names], ""])
-            writer.writerow([method, r["keep_ratio"], "average", *[r["test_mean"][n] for n in names],
-                             r.get("avg_rank")])
+            writer.writerow(
+                [method, r["keep_ratio"], "average", *[r["test_mean"][n] for n in names], r.get("avg_rank")]
+            )
 
 
 def plot_figures(results: dict, out_dir: Path) -> list[Path]:

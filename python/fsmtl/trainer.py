@@ -47,7 +47,10 @@ class Trainer:
         self.strategy = strategy
         self.optimizer = optimizer
         self.homogeneous = homogeneous
+        # Separate streams: the strategy's sampling must not shift the batch order, so that two
+        # strategies with the same seed see the same batches.
         self.generator = torch.Generator().manual_seed(seed)
+        self.strategy_generator = torch.Generator().manual_seed(seed + 1)
         self.history: dict[str, list] = {"loss": [], "mask_updates": []}
 
     @property
@@ -76,7 +79,7 @@ class Trainer:
                 raise ValueError(f"{name} must be a {'non-negative' if name == 'epochs' else 'positive'} int")
         sizes = [x.shape[0] for x in train.inputs]
         steps_per_epoch = -(-max(sizes) // batch_size)
-        self.strategy.bind(TrainingContext(self.model, self.tasks, self._sampler(train), self.generator))
+        self.strategy.bind(TrainingContext(self.model, self.tasks, self._sampler(train), self.strategy_generator))
         self.model.train()
         step = 0
         for epoch in range(epochs):
@@ -118,15 +121,13 @@ class Trainer:
             features = self.model.features(split.inputs[0][idx[0]].to(device))
             outputs = [head(features) for head in self.model.heads]
         else:
-            outputs = [
-                self.model(x[i].to(device), t, masks[t]) for t, (x, i) in enumerate(zip(split.inputs, idx))
-            ]
+            outputs = [self.model(x[i].to(device), t, masks[t]) for t, (x, i) in enumerate(zip(split.inputs, idx))]
         return [task_loss(task, out, y) for task, out, y in zip(self.tasks, outputs, targets)]
 
     def _sampler(self, split: Split):
         def sample(task: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
             size = split.inputs[task].shape[0]
-            idx = torch.randperm(size, generator=self.generator)[: min(n, size)]
+            idx = torch.randperm(size, generator=self.strategy_generator)[: min(n, size)]
             return split.inputs[task][idx].to(self.device), split.targets[task][idx].to(self.device)
 
         return sample

@@ -6,5 +6,15 @@ from .sparse.fisher import FisherSparse
 from .sparse.random import RandomSparse
 from .sparse.schedule import MaskSchedule
 from .weighting.equal import EqualWeighting
+from .weighting.jacobian import AGGREGATORS, JacobianAggregation
 
-__all__ = ["EqualWeighting", "FisherSparse", "MaskSchedule", "RandomSparse", "Strategy", "TrainingContext"]
+__all__ = [
+    "AGGREGATORS",
+    "EqualWeighting",
+    "JacobianAggregation",
+    "FisherSparse",
+    "MaskSchedule",
+    "RandomSparse",
+    "Strategy",
+    "TrainingContext",
+]

@@ -51,8 +51,8 @@ class Strategy(ABC):
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         """Write ``.grad`` of every trainable parameter from the T task losses of one step."""
 
-    def before_optimizer_step(self) -> None:
+    def before_optimizer_step(self) -> None:  # noqa: B027 (optional hook)
         """Hook run right before ``optimizer.step()``."""
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self) -> None:  # noqa: B027 (optional hook)
         """Hook run right after ``optimizer.step()``."""

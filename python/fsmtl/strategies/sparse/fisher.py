@@ -20,8 +20,9 @@ class FisherSparse(SparseStrategy):
     Other arguments as :class:`~fsmtl.strategies.sparse.base.SparseStrategy`.
     """
 
-    def __init__(self, keep_ratio: float | int, *, estimator: str = "fs", samples: int = 256, chunk_size: int = 32,
-                 **kwargs) -> None:
+    def __init__(
+        self, keep_ratio: float | int, *, estimator: str = "fs", samples: int = 256, chunk_size: int = 32, **kwargs
+    ) -> None:
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
