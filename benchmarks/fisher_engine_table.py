@@ -15,8 +15,10 @@ torch's CPU allocations during one call above what was allocated before it, summ
 ``[memory]`` events of ``torch.profiler`` (``profile_memory=True``); Python objects are not
 counted. Each peer's result is checked against ours before timing.
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/fisher_engine_table.py`` (``--quick`` for fewer repeats).
-Writes ``benchmarks/results/fisher_engine.json``.
+Run: ``OMP_NUM_THREADS=2 python benchmarks/fisher_engine_table.py`` (``--quick`` for fewer repeats,
+``--threads 1`` where other processes share the cores: OpenMP's spinning threads then slow 2-thread runs by
+large, erratic factors).
+Writes ``benchmarks/results/fisher_engine_t<threads>.json``.
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ def check_agreement(reference: list[torch.Tensor], other: list[torch.Tensor], me
 
 
 def run(kinds=("mlp", "cnn"), sizes=SIZES, repeats: int = 20, methods=METHODS) -> dict:
+    load_before = os.getloadavg()
     rows = []
     skipped = {m: r for m in methods if (r := unavailable_reason(m)) is not None}
     for kind in kinds:
@@ -220,13 +223,26 @@ def run(kinds=("mlp", "cnn"), sizes=SIZES, repeats: int = 20, methods=METHODS) -
         "rows": rows,
         "skipped": skipped,
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": _cpu_name(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            # other processes on a shared machine distort timings: the 1-minute load before and after
+            "load_before": round(load_before[0], 2),
+            "load_after": round(os.getloadavg()[0], 2),
         },
         "memory": "peak torch CPU allocation above the level before the call (torch.profiler memory events)",
     }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def table(report: dict) -> str:
@@ -249,14 +265,18 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of 20")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "fisher_engine.json"))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/fisher_engine_t<threads>.json)")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(args.threads)
     report = run(repeats=5 if args.quick else 20)
     print(table(report))
     m = report["machine"]
-    print(f"\n{m['cpu']}, torch {m['torch']}, {m['threads']} threads, {m['date']}; memory: {report['memory']}")
-    out = Path(args.out)
+    print(
+        f"\n{m['cpu']}, torch {m['torch']}, {m['threads']} threads, {m['date']}, 1-min load "
+        f"{m['load_before']} -> {m['load_after']}; memory: {report['memory']}"
+    )
+    out = Path(args.out or Path(__file__).parent / "results" / f"fisher_engine_t{args.threads}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -227,6 +227,32 @@ def test_transformer_block_exact(bias, monkeypatch):
     assert sorted(set(spied)) == sorted({tuple(s) for s in expected})
 
 
+def test_norm_layers_multi_dim_shapes(monkeypatch):
+    class Norms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm([3, 4])
+            self.rms = nn.RMSNorm([2, 3, 4], eps=1e-3)
+            self.gn = nn.GroupNorm(3, 6)
+            self.bn = nn.BatchNorm1d(24).eval()
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.uniform_(0.5, 1.5)
+                self.bn.running_mean.uniform_(-1, 1)
+                self.bn.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):  # x [N, 2, 3, 4]
+            h = torch.tanh(self.rms(self.ln(x)))
+            h = self.gn(h.reshape(x.shape[0], 6, 4)).reshape(x.shape[0], 24)
+            return self.bn(h)[:, :5]
+
+    torch.manual_seed(17)
+    spied = fallback_spy(monkeypatch)
+    ours, ref = run(Norms(), torch.randn(7, 2, 3, 4), trunk="")
+    assert_fisher_close(ours, ref)
+    assert spied == []
+
+
 def test_embedding_repeated_tokens_and_padding():
     torch.manual_seed(4)
     emb = nn.Embedding(5, 3, padding_idx=2)
