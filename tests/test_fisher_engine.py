@@ -528,6 +528,7 @@ def test_hooks_removed_and_modes_restored_when_closure_raises():
         sum_grad_squared(model.trunk, closure, out=out)
     assert all(m.training for m in model.modules())
     assert all(not m._forward_hooks for m in model.modules())
+    assert not nn.modules.module._global_forward_hooks
     assert all(torch.equal(o, torch.ones_like(o)) for o in out)
     before = model.trunk[0](torch.randn(1, 3, 5, 5))  # the module still works without hooks
     assert before.shape == (1, 6, 3, 3)
