@@ -212,3 +212,17 @@ def test_masked_modules_subset_keeps_other_trunk_params_dense():
     fsmtl.Trainer(model, TASKS, strategy, opt).fit(tiny_data(), epochs=1, batch_size=8)
     assert strategy.mask.shapes == (torch.Size([6, 6]), torch.Size([6]))
     assert model.trunk[0].weight.grad.abs().sum() > 0
+
+
+def test_torchjd_mean_aggregator_equals_dense_mtl():
+    aggregation = pytest.importorskip("torchjd.aggregation", reason="torchjd is not installed")
+    from fsmtl.strategies import JacobianAggregation
+
+    dense, _ = train(fsmtl.EqualWeighting())
+    jd, _ = train(JacobianAggregation(aggregation.Mean()))
+    for a, b in zip(dense.parameters(), jd.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mgda, _ = train(JacobianAggregation("mgda"), steps_epochs=1)
+    assert all(torch.isfinite(p).all() for p in mgda.parameters())
+    with pytest.raises(ValueError, match="aggregator"):
+        JacobianAggregation("gradnorm")

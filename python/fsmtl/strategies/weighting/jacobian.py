@@ -26,8 +26,9 @@ AGGREGATORS = {
 class JacobianAggregation(Strategy):
     """Dense sharing with the T task gradients of the trunk combined by a torchjd aggregator.
 
-    Heads get their own task gradient. Needs ``pip install torchjd`` (CAGrad and Nash-MTL also
-    need torchjd's ``[cagrad]``/``[nash_mtl]`` extras).
+    Heads get their own task gradient. Needs ``pip install torchjd``; UPGrad and DualProj also
+    need its solver extras (``pip install "torchjd[full]"``: quadprog for UPGrad/DualProj, cvxpy for CAGrad/Nash-MTL;
+    ``pip install "fsmtl-kernels[peers]"`` installs them).
 
     Args:
         aggregator: a name from :data:`AGGREGATORS` or a ``torchjd.aggregation.Aggregator``.
