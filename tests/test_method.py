@@ -1,14 +1,14 @@
 """The FSMTL method: masks, masked updates, estimators against slow loops, both data regimes."""
 
-import fsmtl
 import pytest
 import torch
+from torch import nn
+
+import fsmtl
+import fsmtl_kernels as fk
 from fsmtl.data import Split, Task
 from fsmtl.estimators import task_scores
 from fsmtl.losses import class_log_probs, task_loss
-from torch import nn
-
-import fsmtl_kernels as fk
 
 TASKS = [Task("a", "binary", 1), Task("b", "multiclass", 3), Task("c", "regression", 1)]
 
