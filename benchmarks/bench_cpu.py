@@ -84,7 +84,15 @@ def _run(benchmark, group: str, size: str, impl: str, fn, nbytes: int, dtype: to
     benchmark.pedantic(fn, rounds=_rounds(size, impl), warmup_rounds=1, iterations=1)
 
 
-TOPK_IMPLS = ["ours", "torch.topk (sorted)", "torch.topk (unsorted)", "torch.kthvalue", "torch.sort", "numpy.partition"]
+TOPK_IMPLS = [
+    "ours",
+    "ours (kernel only)",
+    "torch.topk (sorted)",
+    "torch.topk (unsorted)",
+    "torch.kthvalue",
+    "torch.sort",
+    "numpy.partition",
+]
 
 
 @pytest.mark.parametrize("impl", [*TOPK_IMPLS, FLOOR])
