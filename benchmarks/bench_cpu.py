@@ -30,6 +30,7 @@ from cpu_table import (  # noqa: E402
     SLOW,
     TASKS,
     average_peers,
+    copy_floor_fn,
     fisher_peers,
     floor_fn,
     make_scores,
@@ -44,6 +45,8 @@ _REASON = backends.unavailable_reason("cpp", torch.device("cpu"))
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ backend unavailable: {_REASON}")
 
 FLOOR = "clone floor"
+COPY = "copy_ floor"
+FLOORS = {FLOOR: floor_fn, COPY: copy_floor_fn}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,15 +98,15 @@ TOPK_IMPLS = [
 ]
 
 
-@pytest.mark.parametrize("impl", [*TOPK_IMPLS, FLOOR])
+@pytest.mark.parametrize("impl", [*TOPK_IMPLS, FLOOR, COPY])
 @pytest.mark.parametrize("ratio", RATIOS, ids=[f"k{int(r * 100)}" for r in RATIOS])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_topk(benchmark, scores_by_size, size, ratio, impl):
     scores = scores_by_size(size)
     total = SIZES[size]
     k = fk.keep_ratio_to_k(ratio, total)
-    if impl == FLOOR:
-        fn = floor_fn(4 * total)
+    if impl in FLOORS:
+        fn = FLOORS[impl](4 * total)
     else:
         fn = topk_peers(scores, k)[impl]
         if impl == "ours":
@@ -117,14 +120,14 @@ def test_topk(benchmark, scores_by_size, size, ratio, impl):
 FISHER_CASES = [("per-sample", torch.float32), ("per-sample", torch.float16), ("batch", torch.float32)]
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager loop", "torch.compile loop", "torch._foreach_addcmul_", FLOOR])
+@pytest.mark.parametrize("impl", ["ours", "eager loop", "torch.compile loop", "torch._foreach_addcmul_", FLOOR, COPY])
 @pytest.mark.parametrize("mode,dtype", FISHER_CASES, ids=["ps-fp32", "ps-fp16", "batch-fp32"])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_fisher(benchmark, size, mode, dtype, impl):
     n = PER_SAMPLE_N[size] if mode == "per-sample" else None
     impls, nbytes = fisher_peers(split_sizes(SIZES[size]), n, dtype)
-    if impl == FLOOR:
-        fn = floor_fn(nbytes // 2)
+    if impl in FLOORS:
+        fn = FLOORS[impl](nbytes // 2)
     elif impl not in impls:
         pytest.skip(f"{impl} is not a peer of {mode} {dtype}")
     else:
@@ -141,12 +144,12 @@ def test_fisher(benchmark, size, mode, dtype, impl):
     _run(benchmark, f"fisher-{mode}-{str(dtype)[6:]}-P{size}", size, impl, fn, nbytes, dtype)
 
 
-@pytest.mark.parametrize("impl", ["ours", "python loop", FLOOR])
+@pytest.mark.parametrize("impl", ["ours", "python loop", FLOOR, COPY])
 @pytest.mark.parametrize("num_tasks", TASKS, ids=[f"T{t}" for t in TASKS])
 @pytest.mark.parametrize("size", list(SIZES))
 def test_average(benchmark, size, num_tasks, impl):
     impls, nbytes = average_peers(split_sizes(SIZES[size]), num_tasks)
-    fn = floor_fn(nbytes // 2) if impl == FLOOR else impls[impl]
+    fn = FLOORS[impl](nbytes // 2) if impl in FLOORS else impls[impl]
     if impl == "ours" and SIZES[size] <= 1_000_000:
         for a, b in zip(impls["ours"](), impls["python loop"](), strict=True):
             torch.testing.assert_close(a, b)

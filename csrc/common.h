@@ -49,9 +49,11 @@ __attribute__((target("avx2,f16c"))) inline void half_to_float_f16c(const c10::H
 }
 #endif
 
+// True where the fp16 paths may use AVX2 + F16C + FMA.
 inline bool cpu_has_f16c() {
 #ifdef FSMTL_X86
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  static const bool has =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
   return has;
 #else
   return false;

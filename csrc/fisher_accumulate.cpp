@@ -39,19 +39,39 @@ void accumulate_bfloat16(const c10::BFloat16* grad, int64_t row_stride, int64_t 
   accumulate_block(grad, row_stride, samples, fisher, len, scale);
 }
 
-// fp16 rows are first widened into an L1-resident float32 row (vector conversion where the CPU
-// has F16C), then squared and summed as float32.
-FSMTL_MULTIVERSION
-void accumulate_half(const c10::Half* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len,
-                     float scale) {
-  float acc[kFisherBlock];
-  float row[kFisherBlock];
+#ifdef FSMTL_X86
+// fp16 with F16C: widen 8 entries per instruction and add their squares in the same loop (FMA).
+__attribute__((target("avx2,fma,f16c"))) void accumulate_half_f16c(const c10::Half* grad, int64_t row_stride,
+                                                                    int64_t samples, float* fisher, int64_t len,
+                                                                    float scale) {
+  alignas(32) float acc[kFisherBlock];
+  const int64_t vec = len & ~int64_t{7};
   for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
   for (int64_t s = 0; s < samples; ++s) {
-    half_to_float(grad + s * row_stride, row, len);
-    for (int64_t j = 0; j < len; ++j) acc[j] += row[j] * row[j];
+    const c10::Half* row = grad + s * row_stride;
+    for (int64_t j = 0; j < vec; j += 8) {
+      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+      _mm256_store_ps(acc + j, _mm256_fmadd_ps(v, v, _mm256_load_ps(acc + j)));
+    }
+    for (int64_t j = vec; j < len; ++j) {
+      const float v = static_cast<float>(row[j]);
+      acc[j] += v * v;
+    }
   }
   for (int64_t j = 0; j < len; ++j) fisher[j] += scale * acc[j];
+}
+#endif
+
+// fp16 without F16C: c10::Half's scalar conversion.
+void accumulate_half(const c10::Half* grad, int64_t row_stride, int64_t samples, float* fisher, int64_t len,
+                     float scale) {
+#ifdef FSMTL_X86
+  if (cpu_has_f16c()) {
+    accumulate_half_f16c(grad, row_stride, samples, fisher, len, scale);
+    return;
+  }
+#endif
+  accumulate_block(grad, row_stride, samples, fisher, len, scale);
 }
 
 }  // namespace

@@ -13,38 +13,54 @@ namespace {
 
 constexpr int64_t kAverageBlock = 2048;  // entries per block (64 mask words per task)
 
-// acc[j] += g[j] * bit_j and cnt[j] += bit_j for one task's row over one block (len <= kAverageBlock;
-// bit j of words[j / 32]). Branch-free so it vectorizes: the bit becomes a 0/1 float multiplier.
-template <typename G>
+// acc[j] += g[j] * bit_j (and cnt[j] += bit_j when kCount) for one task's row over one block
+// (len <= kAverageBlock; bit j of words[j / 32]). Branch-free so it vectorizes: the bit becomes a
+// 0/1 float multiplier; full words run a fixed 32-entry loop.
+template <bool kCount, typename G>
+inline __attribute__((always_inline)) void add_word(const G* g, uint32_t word, int64_t n, float* acc, float* cnt) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float bit = static_cast<float>((word >> j) & 1u);
+    acc[j] += to_float(g[j]) * bit;
+    if (kCount) cnt[j] += bit;
+  }
+}
+
+template <bool kCount, typename G>
 inline __attribute__((always_inline)) void add_task(const G* g, const int32_t* words, int64_t len, float* acc,
                                                     float* cnt) {
-  for (int64_t base = 0; base < len; base += 32) {
-    const uint32_t word = static_cast<uint32_t>(words[base / 32]);
-    const int64_t n = std::min<int64_t>(32, len - base);
-    for (int64_t j = 0; j < n; ++j) {
-      const float bit = static_cast<float>((word >> j) & 1u);
-      acc[base + j] += to_float(g[base + j]) * bit;
-      cnt[base + j] += bit;
-    }
+  const int64_t full = len / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    add_word<kCount>(g + 32 * w, static_cast<uint32_t>(words[w]), 32, acc + 32 * w, cnt + 32 * w);
+  }
+  if (len > 32 * full) {
+    add_word<kCount>(g + 32 * full, static_cast<uint32_t>(words[full]), len - 32 * full, acc + 32 * full,
+                     cnt + 32 * full);
   }
 }
 
 FSMTL_MULTIVERSION
 void add_task_float(const float* g, const int32_t* words, int64_t len, float* acc, float* cnt) {
-  add_task(g, words, len, acc, cnt);
+  if (cnt != nullptr) {
+    add_task<true>(g, words, len, acc, cnt);
+  } else {
+    add_task<false>(g, words, len, acc, cnt);
+  }
 }
 
 FSMTL_MULTIVERSION
 void add_task_bfloat16(const c10::BFloat16* g, const int32_t* words, int64_t len, float* acc, float* cnt) {
-  add_task(g, words, len, acc, cnt);
+  if (cnt != nullptr) {
+    add_task<true>(g, words, len, acc, cnt);
+  } else {
+    add_task<false>(g, words, len, acc, cnt);
+  }
 }
 
 // fp16 rows are widened into an L1-resident float32 row first (vector conversion with F16C).
-FSMTL_MULTIVERSION
 void add_task_half(const c10::Half* g, const int32_t* words, int64_t len, float* acc, float* cnt) {
   float row[kAverageBlock];
   half_to_float(g, row, len);
-  add_task(static_cast<const float*>(row), words, len, acc, cnt);
+  add_task_float(row, words, len, acc, cnt);
 }
 
 inline void add_task_any(const float* g, const int32_t* w, int64_t len, float* acc, float* cnt) {
@@ -62,11 +78,13 @@ void average_block(const G* grad, int64_t task_stride, int64_t tasks, const int3
                    int64_t len, bool selected, O* out) {
   float acc[kAverageBlock];
   float cnt[kAverageBlock];
-  for (int64_t j = 0; j < len; ++j) {
-    acc[j] = 0.0f;
-    cnt[j] = 0.0f;
+  for (int64_t j = 0; j < len; ++j) acc[j] = 0.0f;
+  if (selected) {
+    for (int64_t j = 0; j < len; ++j) cnt[j] = 0.0f;
   }
-  for (int64_t t = 0; t < tasks; ++t) add_task_any(grad + t * task_stride, words + t * word_stride, len, acc, cnt);
+  // The per-entry count is only needed to normalize by the selecting tasks.
+  float* counts = selected ? cnt : nullptr;
+  for (int64_t t = 0; t < tasks; ++t) add_task_any(grad + t * task_stride, words + t * word_stride, len, acc, counts);
   if (selected) {
     for (int64_t j = 0; j < len; ++j) out[j] = from_float<O>(cnt[j] > 0.0f ? acc[j] / cnt[j] : 0.0f);
   } else {

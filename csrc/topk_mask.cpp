@@ -1,16 +1,22 @@
 // Exact top-K over a list of float32 score tensors by radix select, batched over tasks, written
 // as the packed mask of fsmtl_kernels/mask.py (per-parameter word-aligned int32 words, bit j % 32
-// of word j / 32, little-endian).
+// of word j / 32, little-endian). The mask holds exactly k ones: every key above the k-th largest
+// key, then keys equal to it in position order (parameter order, then flat index).
 //
-// Per task: scores become order-preserving uint32 keys (never stored). Three digits of 11, 11 and
-// 10 bits are resolved most significant first; each pass builds per-thread histograms of the
-// current digit over the keys that share the digits found so far, and the selection stops as
-// soon as the bucket holding the k-th largest key is taken whole (early exit). When that bucket
-// is small after the first pass, its keys and positions are copied out during the second pass so
-// the remaining passes touch only them. Ties at the threshold are taken in position order
-// (parameter order, then flat index): the candidates are kept in position order, so the last tie
-// taken is found by one scan; otherwise per-block tie counts are prefix-summed.
+// Scores become order-preserving uint32 keys on the fly (-0.0 canonicalized to +0.0; never stored).
 //
+// Fast path (P >= 2^18): a sample of 64K keys brackets the k-th largest key in [lo, hi]; one fused,
+// vectorized pass writes the mask words of "key > hi" and copies the keys in [lo, hi] with their
+// locations, in position order (a few percent of P); radix select over those candidates (11/11/10
+// bit digits, per-chunk histograms) gives the exact threshold and the number of ties to take, and
+// their bits are set. One read of the scores and one write of the mask.
+//
+// Full radix select (small P, or when the bracket misses or holds too many keys, e.g. heavy ties):
+// digits of 11, 11 and 10 bits, most significant first; each pass builds per-thread histograms of
+// the current digit over the keys that share the digits found so far, and stops as soon as the
+// bucket holding the k-th largest key is taken whole (early exit). When that bucket is small after
+// the first pass, its keys and positions are copied out during the second pass so the remaining
+// passes touch only them; otherwise ties are located by per-block tie counts, prefix-summed.
 // Bytes moved: 2 to 4 reads of the scores (4 * P each) plus the mask (P / 8) written once.
 #include "common.h"
 
