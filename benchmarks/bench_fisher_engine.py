@@ -5,7 +5,9 @@ One group per (model, N); the peers, models and loss are those of ``fisher_engin
 
 Run (CPU, 2 threads)::
 
-    OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_fisher_engine.py --benchmark-group-by=group
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_fisher_engine.py
+
+(``OMP_WAIT_POLICY=PASSIVE`` keeps 2-thread timings sane on cores shared with other processes.)
 
 Peers that cannot be imported (``opacus``, ``backpack-for-pytorch``) are skipped with the reason.
 """

@@ -15,9 +15,10 @@ torch's CPU allocations during one call above what was allocated before it, summ
 ``[memory]`` events of ``torch.profiler`` (``profile_memory=True``); Python objects are not
 counted. Each peer's result is checked against ours before timing.
 
-Run: ``OMP_NUM_THREADS=2 python benchmarks/fisher_engine_table.py`` (``--quick`` for fewer repeats,
-``--threads 1`` where other processes share the cores: OpenMP's spinning threads then slow 2-thread runs by
-large, erratic factors).
+Run: ``OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python benchmarks/fisher_engine_table.py``
+(``--quick`` for fewer repeats, ``--models``/``--sizes`` for a subset). Where other processes share the
+cores, OpenMP's default spin-waiting makes 2-thread runs 10-60x slower and erratic (measured here:
+MLP N=128 backward 1.2 ms -> 107 ms at load 4); ``OMP_WAIT_POLICY=PASSIVE`` avoids that.
 Writes ``benchmarks/results/fisher_engine_t<threads>.json``.
 """
 
@@ -226,6 +227,7 @@ def run(kinds=("mlp", "cnn"), sizes=SIZES, repeats: int = 20, methods=METHODS) -
             "cpu": _cpu_name(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             # other processes on a shared machine distort timings: the 1-minute load before and after
             "load_before": round(load_before[0], 2),
@@ -266,14 +268,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 repeats instead of 20")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=list(SIZES))
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/fisher_engine_t<threads>.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    report = run(repeats=5 if args.quick else 20)
+    report = run(kinds=args.models, sizes=args.sizes, repeats=5 if args.quick else 20)
     print(table(report))
     m = report["machine"]
     print(
-        f"\n{m['cpu']}, torch {m['torch']}, {m['threads']} threads, {m['date']}, 1-min load "
+        f"\n{m['cpu']}, torch {m['torch']}, {m['threads']} threads (OMP_WAIT_POLICY={m['omp_wait_policy']}), "
+        f"{m['date']}, 1-min load "
         f"{m['load_before']} -> {m['load_after']}; memory: {report['memory']}"
     )
     out = Path(args.out or Path(__file__).parent / "results" / f"fisher_engine_t{args.threads}.json")
