@@ -4,7 +4,8 @@ How it works (one forward, one batched backward, plus chunked backward passes on
 parameters no rule covers):
 
 1. Forward hooks on the submodules that own requested parameters and have an exact rule
-   (:mod:`.rules`) keep each call's input and put a tensor hook on its output.
+   (:mod:`.rules`) keep each call's input and put a tensor hook on its output. Calls that autograd
+   does not record (a ``no_grad`` pass for the predicted label) are ignored.
 2. After the closure, each such module is checked: called exactly once, its input unchanged
    since, samples along dim 0, and every requested parameter of it used exactly once in the whole
    autograd graph (a walk of the graph from the losses), inside that very call (a short walk from

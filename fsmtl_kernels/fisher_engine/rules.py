@@ -12,7 +12,8 @@ gives at its output:
 The rules form per-sample gradients only where no closed form exists, and then only for
 ``chunk`` samples at a time, so their extra memory is ``O(chunk * P_layer + N * activation)``.
 Squares are summed by :func:`fsmtl_kernels.fisher_accumulate` / :func:`fsmtl_kernels.linear_fisher`
-so the selected kernel backend does the accumulation. A rule applies only when
+so the selected kernel backend does the accumulation; the Embedding rule is the exception, a sparse
+scatter into the rows of the tokens present (``index_add_``), which a dense kernel cannot do. A rule applies only when
 :func:`find_rule` returns it for the module *and* :meth:`Rule.accepts` agrees for the call.
 """
 
