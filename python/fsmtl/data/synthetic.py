@@ -10,12 +10,16 @@ even t and ``-1`` for odd t, and ``r`` is ``relatedness``. The target is a non-l
 
     f_t(x) = z_t + sum_j sin(alpha_j * z_t + beta_j),
 
-with ``alpha_j, beta_j`` shared by all tasks. So the cosine between two tasks' directions is
-``r^2 + (1 - r^2) * s_t * s_t' / 2``: 1 at ``r = 1`` (one task, T times the data: MTL helps), and
-+-0.5 at ``r = 0`` where tasks of opposite sign pull the shared component ``u_c`` in opposite
-directions and every task also needs its own private direction. The sine terms make a sign flip a
-genuinely different function, which a linear head cannot undo, so at low relatedness a dense shared
-trunk suffers negative transfer against single-task models (measured numbers in the README).
+with ``alpha_j, beta_j`` shared by all tasks (``|alpha_j|`` in [0.5, 1.5], ``beta_j`` in [0, 2 pi)),
+scaled to zero mean and unit variance. The cosine between two tasks' directions is
+``r^2 + (1 - r^2) * s_t * s_t' / 2``: 1 at ``r = 1`` (one task, T times the data), and +-0.5 at
+``r = 0``, where tasks of opposite sign pull the shared component ``u_c`` in opposite directions and
+every task also needs its own private direction. The sine terms make a sign flip a genuinely
+different function, which a linear head cannot undo.
+
+Measured (README, "Data"): a dense shared-trunk MLP (two ReLU layers of 16) against one such MLP per
+task, homogeneous, defaults otherwise, 5 seeds: test MSE ratio MTL/STL 1.84 at r = 0, 1.66 at
+r = 0.75, 1.03 at r = 1; so low relatedness gives negative transfer and r = 1 removes it.
 """
 
 from __future__ import annotations
@@ -100,7 +104,10 @@ def synthetic(
 
     directions = task_directions(n_tasks, n_features, float(relatedness), seed)
     rng = np.random.default_rng(seed + 1)
-    alpha, beta = rng.standard_normal(N_SINES), rng.standard_normal(N_SINES)
+    # Frequencies of moderate size (|alpha| in [0.5, 1.5]): N(0, 1) draws made some seeds nearly
+    # linear and others highly oscillating, so test MSE varied 4x from seed to seed.
+    alpha = rng.uniform(0.5, 1.5, N_SINES) * rng.choice([-1.0, 1.0], N_SINES)
+    beta = rng.uniform(0.0, 2.0 * math.pi, N_SINES)
     n_inputs = 1 if homogeneous else n_tasks
     xs = [rng.standard_normal((n_samples, n_features)) for _ in range(n_inputs)]
     targets = []
