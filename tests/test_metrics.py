@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from sklearn.metrics import confusion_matrix
+
 from fsmtl.data import Task
 from fsmtl.metrics import (
     KIND_METRICS,
@@ -15,7 +17,6 @@ from fsmtl.metrics import (
     segmentation_confusion,
     task_metrics,
 )
-from sklearn.metrics import confusion_matrix
 
 BINARY = Task("b", "binary", 1)
 MULTI = Task("m", "multiclass", 3)
