@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -100,23 +101,10 @@ def run_command(args) -> int:
     from .experiment import ExperimentConfig, run_experiment
     from .report import format_table, plot_figures, write_csv, write_json
 
-    cfg = ExperimentConfig(
-        benchmark=args.benchmark,
-        benchmark_options={k: _parse_value(v) for k, v in args.option},
-        methods=args.methods,
-        seeds=args.seeds,
-        keep_ratios=args.keep_ratios,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        hidden=args.hidden,
-        warmup=args.warmup,
-        update_every=args.update_every,
-        samples=args.samples,
-        mask_forward=args.mask_forward,
-        normalize=args.normalize,
-        device=args.device,
-    )
+    # Every option but --option/--out/--no-progress is named like an ExperimentConfig field.
+    settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
+    settings["benchmark_options"] = {k: _parse_value(v) for k, v in args.option}
+    cfg = ExperimentConfig(**settings)
 
     def progress(total: int):
         return tqdm(total=total, desc="fsmtl run", unit="step", disable=args.no_progress, file=sys.stderr)

@@ -50,7 +50,7 @@ class ExperimentConfig:
     benchmark_options: dict = field(default_factory=dict)
     methods: Sequence[str] = ("stl", "mtl", "rs", "fs")
     seeds: Sequence[int] = (0, 1, 2)
-    keep_ratios: Sequence[float] = (0.1, 0.5, 0.9)
+    keep_ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
     epochs: int = 40
     batch_size: int = 64
     lr: float = 1e-3

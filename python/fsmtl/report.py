@@ -89,13 +89,17 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tasks) * len(methods) / 3), 4))
     width = 0.8 / len(methods)
     x = np.arange(len(tasks))
+    lowest = 1.0
     for i, m in enumerate(methods):
         vals = [pt.get(metric, np.nan) for pt in results["methods"][m]["test_per_task"]]
+        lowest = min(lowest, float(np.nanmin(vals)))
         ax.bar(x + i * width, vals, width, label=METHOD_LABELS.get(m, m))
+    if METRIC_DIRECTION.get(metric, True) and 0.0 <= lowest <= 1.0:
+        ax.set_ylim(max(0.0, lowest - 0.05), 1.0)  # zoom in: the differences between methods are small
     ax.set_xticks(x + width * (len(methods) - 1) / 2, tasks, rotation=30, ha="right")
     ax.set_ylabel(f"test {metric}")
     ax.set_title(f"{results['benchmark']['name']}: per-task {metric}")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths.append(out_dir / f"per_task_{metric}.png")
     fig.savefig(paths[-1], dpi=120)
