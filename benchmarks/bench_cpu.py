@@ -14,7 +14,6 @@ Performance is measured here, never asserted.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -47,14 +46,6 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"C++ backend unavai
 FLOOR = "clone floor"
 COPY = "copy_ floor"
 FLOORS = {FLOOR: floor_fn, COPY: copy_floor_fn}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

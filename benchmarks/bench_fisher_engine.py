@@ -14,7 +14,6 @@ Peers that cannot be imported (``opacus``, ``backpack-for-pytorch``) are skipped
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -34,14 +33,6 @@ from fisher_engine_table import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("method", METHODS)
