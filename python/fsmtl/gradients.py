@@ -73,15 +73,21 @@ def masked_multitask_backward(
     grads = per_task_gradients(losses, shared, batched=batched)
     n_masked = len(masked_params)
     if mask is None:
-        mask = all_ones_mask(masked_params, len(losses))
-    fk.masked_grad_average(grads[:n_masked], mask, normalize=normalize, params=list(masked_params))
-    for p, g in zip(dense_params, grads[n_masked:]):
-        p.grad = g.mean(0)
+        for p, g in zip(shared, grads):
+            p.grad = g.mean(0)
+    else:
+        fk.masked_grad_average(grads[:n_masked], mask, normalize=normalize, params=list(masked_params))
+        for p, g in zip(dense_params, grads[n_masked:]):
+            p.grad = g.mean(0)
     if head_params:
         torch.autograd.backward(torch.stack([loss.reshape(()) for loss in losses]).sum(), inputs=list(head_params))
 
 
-def all_ones_mask(params: Sequence[torch.Tensor], num_tasks: int) -> fk.PackedMask:
-    return fk.PackedMask.from_bool_stacked(
-        [torch.ones((num_tasks, *p.shape), dtype=torch.bool, device=p.device) for p in params]
-    )
+def dense_multitask_backward(losses: Sequence[torch.Tensor], shared_params: Sequence[torch.Tensor]) -> None:
+    """Dense MTL in one backward pass: ``shared_params`` get the task average ``1/T sum_t g_t``,
+    every other parameter the gradient of ``sum_t L_t`` (accumulated into ``.grad``)."""
+    torch.stack([loss.reshape(()) for loss in losses]).sum().backward()
+    with torch.no_grad():
+        for p in shared_params:
+            if p.grad is not None:
+                p.grad.div_(len(losses))

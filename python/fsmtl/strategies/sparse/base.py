@@ -9,7 +9,7 @@ import torch
 
 import fsmtl_kernels as fk
 
-from ...gradients import masked_multitask_backward
+from ...gradients import dense_multitask_backward, masked_multitask_backward
 from ..base import Strategy
 from .schedule import MaskSchedule
 
@@ -97,6 +97,9 @@ class SparseStrategy(Strategy):
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model
+        if self.mask is None:  # warm-up: dense MTL, one backward pass instead of T
+            dense_multitask_backward(losses, model.shared_parameters())
+            return
         masked_multitask_backward(
             losses,
             model.masked_parameters(),

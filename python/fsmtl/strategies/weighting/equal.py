@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ...gradients import dense_multitask_backward
 from ..base import Strategy
 
 
@@ -19,10 +20,4 @@ class EqualWeighting(Strategy):
     name = "mtl"
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
-        model = self.context.model
-        torch.stack([loss.reshape(()) for loss in losses]).sum().backward()
-        num_tasks = len(losses)
-        with torch.no_grad():
-            for p in model.shared_parameters():
-                if p.grad is not None:
-                    p.grad.div_(num_tasks)
+        dense_multitask_backward(losses, self.context.model.shared_parameters())
