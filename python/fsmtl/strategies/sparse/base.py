@@ -57,6 +57,7 @@ class SparseStrategy(Strategy):
         self.batched_grads = bool(batched_grads)
         self.mask: fk.PackedMask | None = None
         self._float_masks: list[torch.Tensor] | None = None
+        self._unselected: list[torch.Tensor] | None = None
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     @abstractmethod
@@ -86,9 +87,10 @@ class SparseStrategy(Strategy):
         if mask.shapes != tuple(p.shape for p in params):
             raise ValueError("mask does not cover the model's masked parameters")
         self.mask = mask
-        self._float_masks = None
-        if self.mask_forward:
-            self._float_masks = [m.to(p.dtype) for m, p in zip(mask.to_bool_stacked(), params)]
+        stacked = mask.to_bool_stacked()
+        self._float_masks = [m.to(p.dtype) for m, p in zip(stacked, params)] if self.mask_forward else None
+        # Entries no task holds: only needed to freeze them, and fixed until the next mask update.
+        self._unselected = [~m.any(0) for m in stacked] if self.freeze_unselected else None
 
     def forward_mask(self, task: int) -> list[torch.Tensor] | None:
         if self._float_masks is None:
@@ -111,15 +113,15 @@ class SparseStrategy(Strategy):
         )
 
     def before_optimizer_step(self) -> None:
-        if not self.freeze_unselected or self.mask is None:
+        if self._unselected is None:
             return
-        union = [m.any(0) for m in self.mask.to_bool_stacked()]
-        self._frozen = [(p, p.detach().clone(), u) for p, u in zip(self.context.model.masked_parameters(), union)]
+        params = self.context.model.masked_parameters()
+        self._frozen = [(p, p.detach().clone(), u) for p, u in zip(params, self._unselected)]
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():
-            for p, saved, selected in self._frozen:
-                p.copy_(torch.where(selected, p, saved))
+            for p, saved, unselected in self._frozen:
+                p.copy_(torch.where(unselected, saved, p))
         self._frozen = []
 
 
