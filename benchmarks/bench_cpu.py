@@ -95,7 +95,7 @@ TOPK_IMPLS = [
 def test_topk(benchmark, scores_by_size, size, ratio, impl):
     scores = scores_by_size(size)
     total = SIZES[size]
-    k = fk.keep_ratio_to_k(ratio, total)
+    k = fk.resolve_k(ratio, total)
     if impl in FLOORS:
         fn = FLOORS[impl](4 * total)
     else:

@@ -211,7 +211,7 @@ def collect(sizes: list[str], ops: list[str]) -> list[dict]:
         if "topk" in ops:
             scores = make_scores(total)
             for ratio in RATIOS:
-                k = fk.keep_ratio_to_k(ratio, total)
+                k = fk.resolve_k(ratio, total)
                 run_group(rows, "topk", f"k={ratio:.0%}", size, topk_peers(scores, k), 4 * total)
             del scores
         if "fisher" in ops:

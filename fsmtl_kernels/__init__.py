@@ -10,24 +10,28 @@
 Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
 """
 
-from .average import masked_grad_average
+from ._checks import check_k, resolve_k
+from .average import NORMALIZE_MODES, masked_grad_average
 from .backends import BackendUnavailableError, available_backends
 from .fisher import fisher_accumulate, fisher_topk, fisher_topk_batched, linear_fisher
-from .mask import PackedMask
-from .topk import keep_ratio_to_k, topk_mask, topk_mask_batched
+from .mask import PackedMask, popcount
+from .topk import topk_mask, topk_mask_batched
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NORMALIZE_MODES",
     "BackendUnavailableError",
     "PackedMask",
     "available_backends",
+    "check_k",
     "fisher_accumulate",
     "fisher_topk",
     "fisher_topk_batched",
-    "keep_ratio_to_k",
     "linear_fisher",
     "masked_grad_average",
+    "popcount",
+    "resolve_k",
     "topk_mask",
     "topk_mask_batched",
 ]

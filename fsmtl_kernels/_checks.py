@@ -64,6 +64,23 @@ def no_nan(items: Sequence[torch.Tensor], name: str) -> None:
         raise ValueError(f"{name}[{i}] contains NaN; scores must be comparable numbers")
 
 
+def check_k(k, name: str = "k") -> None:
+    """The one rule for ``k`` / a keep ratio, as far as it can be checked without ``P``.
+
+    An ``int`` count must be ``>= 0``; a ``float`` keep ratio must lie in ``(0, 1]``; ``bool``
+    and anything else is a ``TypeError``. :func:`resolve_k` adds the upper bound ``P``.
+    """
+    if isinstance(k, bool) or not isinstance(k, Real):
+        raise TypeError(f"{name} must be an int count or a float keep ratio in (0, 1], got {type(k).__name__}")
+    if isinstance(k, Integral):
+        if int(k) < 0:
+            raise ValueError(f"{name}={int(k)} as a count must be >= 0")
+        return
+    ratio = float(k)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{name}={ratio!r} as a keep ratio must lie in (0, 1]")
+
+
 def resolve_k(k, total: int, name: str = "k") -> int:
     """Turn ``k`` (an int count or a float keep ratio) into a count in ``[0, total]``.
 
@@ -71,20 +88,16 @@ def resolve_k(k, total: int, name: str = "k") -> int:
     product of the float's binary value and ``total``, rounded half up (so 0.5 * 3 -> 2,
     0.25 * 10 -> 3). ``bool`` is rejected: ``True`` is not a count.
     """
-    if isinstance(k, bool):
-        raise TypeError(f"{name} must be an int count or a float keep ratio, not bool")
+    if isinstance(total, bool) or not isinstance(total, Integral) or total < 0:
+        raise ValueError(f"total must be a non-negative int, got {total!r}")
+    check_k(k, name)
     if isinstance(k, Integral):
         k = int(k)
-        if not 0 <= k <= total:
+        if k > total:
             raise ValueError(f"{name}={k} is out of range [0, {total}]")
         return k
-    if isinstance(k, Real):
-        ratio = float(k)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"{name}={ratio!r} as a keep ratio must lie in (0, 1]")
-        exact = Fraction(ratio) * total + Fraction(1, 2)
-        return int(exact.numerator // exact.denominator)
-    raise TypeError(f"{name} must be an int count or a float keep ratio, got {type(k).__name__}")
+    exact = Fraction(float(k)) * int(total) + Fraction(1, 2)
+    return int(exact.numerator // exact.denominator)
 
 
 def resolve_ks(k, num_tasks: int, total: int, name: str = "k") -> list[int]:

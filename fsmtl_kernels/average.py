@@ -9,7 +9,8 @@ import torch
 from . import _checks, backends
 from .mask import PackedMask
 
-NORMALIZE = ("tasks", "selected")
+#: ``normalize`` modes of :func:`masked_grad_average`.
+NORMALIZE_MODES = ("tasks", "selected")
 
 
 def masked_grad_average(
@@ -42,8 +43,8 @@ def masked_grad_average(
     _checks.floating(items, "grads")
     if not isinstance(mask, PackedMask):
         raise TypeError(f"mask must be a PackedMask, got {type(mask).__name__}")
-    if not isinstance(normalize, str) or normalize not in NORMALIZE:
-        raise ValueError(f"normalize={normalize!r} is not one of {NORMALIZE}")
+    if not isinstance(normalize, str) or normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize={normalize!r} is not one of {NORMALIZE_MODES}")
     if len(items) != len(mask.shapes):
         raise ValueError(f"grads has {len(items)} entries but mask covers {len(mask.shapes)} parameters")
     if mask.device != items[0].device:

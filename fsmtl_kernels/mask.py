@@ -133,13 +133,13 @@ class PackedMask:
 
     def count(self) -> torch.Tensor:
         """Number of ones per task, int64 ``[T]``."""
-        return _popcount(self.words).sum(dim=1)
+        return popcount(self.words).sum(dim=1)
 
     def overlap(self) -> torch.Tensor:
         """Task-by-task Jaccard index ``|S_a & S_b| / |S_a | S_b|``, float32 ``[T, T]`` (1 where both are empty)."""
         w = self.words
-        inter = _popcount(w.unsqueeze(1) & w.unsqueeze(0)).sum(-1)
-        union = _popcount(w.unsqueeze(1) | w.unsqueeze(0)).sum(-1)
+        inter = popcount(w.unsqueeze(1) & w.unsqueeze(0)).sum(-1)
+        union = popcount(w.unsqueeze(1) | w.unsqueeze(0)).sum(-1)
         jac = inter.double() / union.clamp_min(1).double()
         return torch.where(union == 0, torch.ones_like(jac), jac).float()
 
@@ -179,8 +179,8 @@ class PackedMask:
         return f"PackedMask(num_tasks={self.num_tasks}, num_entries={self.num_entries}, ones={self.count().tolist()})"
 
 
-def _popcount(words: torch.Tensor) -> torch.Tensor:
-    """Number of set bits of each int32 word, as int64."""
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Number of set bits of each int32 word of ``words`` (any shape), as int64 of the same shape."""
     x = words.to(torch.int64) & 0xFFFFFFFF
     x = x - ((x >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)

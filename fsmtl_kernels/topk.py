@@ -12,15 +12,6 @@ from .mask import PackedMask
 SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def keep_ratio_to_k(ratio: float, total: int) -> int:
-    """``k = floor(ratio * total + 1/2)``: round half up on the exact product (0.5 * 3 -> 2)."""
-    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
-        raise ValueError(f"total must be a non-negative int, got {total!r}")
-    if isinstance(ratio, (bool, int)):
-        raise TypeError(f"ratio must be a float keep ratio in (0, 1], got {type(ratio).__name__}")
-    return _checks.resolve_k(ratio, total, "ratio")
-
-
 def topk_mask(scores: Sequence[torch.Tensor], k: int | float, *, backend: str = "auto") -> PackedMask:
     """Mask of the ``k`` largest scores over all entries of ``scores`` (one task).
 

@@ -80,7 +80,7 @@ def test_compute_masks_exact_k_per_task():
     mask = fsmtl.compute_masks(model, TASKS, list(zip(data.inputs, data.targets)), 0.3)
     total = sum(p.numel() for p in model.masked_parameters())
     assert mask.num_tasks == 3
-    assert mask.count().tolist() == [fk.keep_ratio_to_k(0.3, total)] * 3
+    assert mask.count().tolist() == [fk.resolve_k(0.3, total)] * 3
 
 
 def test_per_task_gradients_batched_equals_loop():

@@ -83,7 +83,7 @@ class TestKeepRatio:
         ],
     )
     def test_round_half_up_on_exact_product(self, ratio, total, expected):
-        assert fk.keep_ratio_to_k(ratio, total) == expected
+        assert fk.resolve_k(ratio, total) == expected
 
     def test_ratio_in_topk(self):
         m = fk.topk_mask([torch.arange(5.0)], 0.5)

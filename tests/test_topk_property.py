@@ -53,6 +53,6 @@ def test_batched_topk_equals_per_task_oracle(shapes, num_tasks, seed, data):
 @settings(max_examples=100, deadline=None)
 @given(ratio=st.floats(min_value=1e-6, max_value=1.0, exclude_min=False), total=st.integers(0, 10**7))
 def test_keep_ratio_is_nearest_count(ratio, total):
-    k = fk.keep_ratio_to_k(ratio, total)
+    k = fk.resolve_k(ratio, total)
     assert 0 <= k <= total
     assert abs(k - ratio * total) <= 0.5 + 1e-9 * total

@@ -86,7 +86,7 @@ def assert_same_mask(scores, ks, backend: str = "triton") -> fk.PackedMask:
     assert torch.equal(got.words, want.words), "packed words differ from the reference"
     total = want.num_entries
     expected = [ks] * want.num_tasks if isinstance(ks, (int, float)) else ks
-    assert got.count().cpu().tolist() == [k if isinstance(k, int) else fk.keep_ratio_to_k(k, total) for k in expected]
+    assert got.count().cpu().tolist() == [k if isinstance(k, int) else fk.resolve_k(k, total) for k in expected]
     return got
 
 

@@ -45,8 +45,8 @@ class SparseStrategy(Strategy):
             raise TypeError(f"keep_ratio must be a float in (0, 1] or an int count, got {type(keep_ratio).__name__}")
         if isinstance(keep_ratio, float) and not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
-        if normalize not in fk.average.NORMALIZE:
-            raise ValueError(f"normalize must be one of {fk.average.NORMALIZE}, got {normalize!r}")
+        if normalize not in fk.NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
         self.keep_ratio = keep_ratio
         self.schedule = schedule if schedule is not None else MaskSchedule()
         if not isinstance(self.schedule, MaskSchedule):
@@ -127,5 +127,5 @@ class SparseStrategy(Strategy):
 
 def mask_churn(old: fk.PackedMask, new: fk.PackedMask) -> list[float]:
     """Per task, the fraction of the new mask's ones that were not in the old mask."""
-    changed = fk.mask._popcount(new.words & ~old.words).sum(1).double()
+    changed = fk.popcount(new.words & ~old.words).sum(1).double()
     return (changed / new.count().clamp_min(1).double()).tolist()
