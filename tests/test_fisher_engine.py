@@ -543,3 +543,116 @@ def test_empty_batch_returns_zeros():
 def test_supported_modules_listed():
     for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d):
         assert t in SUPPORTED_MODULES
+
+
+# ------------------------------------------------------- weights computed from the parameter
+def _masked_call(mask):
+    """A forward whose first Linear uses ``mask * weight`` through ``functional_call`` (Eq. 3)."""
+    from torch.func import functional_call
+
+    def forward(model, x):
+        lin = model[0]
+        h = functional_call(lin, {"weight": lin.weight * mask.to(lin.weight.dtype)}, (x,))
+        return model[2](torch.tanh(h))
+
+    return forward
+
+
+def test_issue_reproducer_masked_weight_through_functional_call():
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    m = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    ours = sum_grad_squared(lin, lambda: functional_call_square(lin, m, x))[0]
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    lin64 = copy.deepcopy(lin).double()
+    for i in range(4):
+        (g,) = torch.autograd.grad(functional_call_square(lin64, m.double(), x[i : i + 1].double()).sum(), lin64.weight)
+        expected += g.square()
+    assert (ours[m == 0] == 0).all()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def functional_call_square(lin, m, x):
+    from torch.func import functional_call
+
+    return functional_call(lin, {"weight": lin.weight * m}, (x,)).square().sum(1)
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+
+
+def test_masked_forward_matches_single_sample_loop(monkeypatch):
+    model = _mlp(21)
+    mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    forward = _masked_call(mask)
+    x = torch.randn(10, 6)
+    spied = fallback_spy(monkeypatch)
+    ours = sum_grad_squared(model, lambda: nll_predicted(forward(model, x)))
+    ref = reference(model, "", lambda m, sl: nll_predicted(forward(m, x[sl].to(next(m.parameters()).dtype))), 10)
+    assert_fisher_close(ours, ref)
+    assert (ours[0][~mask] == 0).all()
+    assert spied == [(5, 6), (5,)]  # the masked layer goes to the fallback; layer 2 keeps its rule
+
+
+def test_functional_call_with_the_parameter_itself_keeps_rule(monkeypatch):
+    from torch.func import functional_call
+
+    model = _mlp(22)
+    x = torch.randn(7, 6)
+
+    def forward(m, xs):
+        return functional_call(m, {"0.weight": m[0].weight}, (xs,))
+
+    spied = fallback_spy(monkeypatch)
+    ours = sum_grad_squared(model, lambda: nll_predicted(forward(model, x)))
+    ref = reference(model, "", lambda m, sl: nll_predicted(forward(m, x[sl].to(next(m.parameters()).dtype))), 7)
+    assert_fisher_close(ours, ref)
+    assert spied == []
+
+
+def _reparametrized(kind: str, dtype: torch.dtype) -> nn.Sequential:
+    """Three Linear layers, float ``dtype``, with a weight computed from its parameters by ``kind``.
+
+    Built per dtype (not deep-copied: a legacy weight_norm or pruned module holds a non-leaf
+    ``weight`` that cannot be copied)."""
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Symmetric(nn.Module):
+        def forward(self, w):
+            return w.triu() + w.triu(1).transpose(0, 1)
+
+    torch.manual_seed(23)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 4)).to(dtype)
+    if kind == "weight_norm":
+        weight_norm(model[0])
+    elif kind == "legacy_weight_norm":
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(model[0])
+    elif kind == "parametrize":
+        parametrize.register_parametrization(model[2], "weight", Symmetric())
+    else:
+        prune.l1_unstructured(model[0], "weight", amount=0.5)
+        prune.ln_structured(model[2], "weight", amount=0.4, n=2, dim=0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "legacy_weight_norm", "parametrize", "prune"])
+def test_reparametrized_weights_match_single_sample_loop(kind):
+    model, m64 = _reparametrized(kind, torch.float32), _reparametrized(kind, torch.float64)
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(2))
+    ours = sum_grad_squared(model, lambda: nll_predicted(model(x)))
+    params = [p for p in m64.parameters() if p.requires_grad]
+    ref = [torch.zeros_like(p) for p in params]
+    for i in range(9):
+        grads = torch.autograd.grad(nll_predicted(m64(x[i : i + 1].double())).sum(), params)
+        for f, g in zip(ref, grads, strict=True):
+            f += g.square()
+    assert_fisher_close(ours, ref)
+    if kind == "prune":
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        pruned = ours[names.index("0.weight_orig")][model[0].weight_mask == 0]
+        assert pruned.numel() > 0 and (pruned == 0).all()

@@ -11,7 +11,10 @@ parameters no rule covers):
    autograd graph (a walk of the graph from the losses), inside that very call (a short walk from
    the call's output back to its input). Module reuse, weight tying, functional use of a module's
    parameter elsewhere (``nn.MultiheadAttention``'s ``out_proj``), and calls without samples along
-   dim 0 fail the check and send the module's parameters to the fallback.
+   dim 0 fail the check and send the module's parameters to the fallback. So does a call in
+   which the tensor the module uses is not the parameter itself (or a same-layout view of it):
+   a weight computed from the parameter inside the call (``mask * theta`` through
+   ``torch.func.functional_call``, parametrizations, pruning) has another gradient.
 3. One ``torch.autograd.grad`` of ``sum_n loss_n`` w.r.t. the checked modules' outputs (weight
    gradients are never formed). Its tensor hooks receive ``d loss_n / d out_n`` row by row and
    run the layer rule at once, so the gradients are dropped layer by layer.
@@ -65,6 +68,7 @@ class _Site:
     training: bool = False
     local_params: set[int] = field(default_factory=set)  # id() of parameters used inside the call
     local_complete: bool = False
+    direct: bool = False  # at the call, each requested parameter was the tensor the module used
     tensor_hook: torch.utils.hooks.RemovableHandle | None = None
     active: bool = False  # set once the checks pass: only then does the tensor hook run the rule
 
@@ -288,7 +292,7 @@ def sum_grad_squared(
             module.eval()
         _check_batch_norms(module, eval_mode)
         for site in sites:
-            hook = _make_forward_hook(site, acc, scale, chunk_size, backend)
+            hook = _make_forward_hook(site, params, acc, scale, chunk_size, backend)
             handles.append(site.module.register_forward_hook(hook, with_kwargs=True))
         coupled: list[str] = []
         handles.append(nn.modules.module.register_module_forward_hook(_make_batch_stats_hook(coupled)))
@@ -333,7 +337,22 @@ def _make_batch_stats_hook(coupled: list[str]):
     return hook
 
 
-def _make_forward_hook(site: _Site, acc, scale, chunk, backend):
+def _uses_parameter(used, param: torch.Tensor) -> bool:
+    """True when ``used`` (the tensor a module holds under a parameter's name during its call) is
+    ``param`` itself or a view of all of it in the same layout: then the gradient the layer rule
+    forms for ``used`` is the parameter's gradient."""
+    if used is param:
+        return True
+    return (
+        isinstance(used, torch.Tensor)
+        and used._base is param
+        and used.shape == param.shape
+        and used.stride() == param.stride()
+        and used.storage_offset() == param.storage_offset()
+    )
+
+
+def _make_forward_hook(site: _Site, params, acc, scale, chunk, backend):
     def hook(module, args, kwargs, output):
         if not isinstance(output, torch.Tensor) or output.grad_fn is None:
             return None  # not recorded by autograd (e.g. a no_grad pass for the predicted label)
@@ -347,6 +366,10 @@ def _make_forward_hook(site: _Site, acc, scale, chunk, backend):
         site.x, site.x_version = x, x._version
         site.out, site.out_version = output, output._version
         site.training = module.training
+        # Read now: `functional_call` (masks), parametrizations and pruning swap what the module
+        # uses only for the duration of the call. A weight computed from the parameter (e.g. mask *
+        # theta) has another gradient than the parameter, so the rule would be wrong for it.
+        site.direct = all(_uses_parameter(getattr(module, name, None), params[i]) for name, i in site.params.items())
         site.local_params, site.local_complete = _local_params(output, x)
         # Registered now, not after the closure: a hook sits on the tensor's grad_fn at registration,
         # so it sees d loss / d out even if later code changes `out` in place (ReLU(inplace=True)).
@@ -366,6 +389,7 @@ def _estimate(losses, params, sites, acc, scale, chunk, backend) -> None:
         ok = (
             site.calls == 1
             and site.out is not None
+            and site.direct
             and site.local_complete
             and site.x._version == site.x_version
             and site.rule.accepts(site.module, site.x, n, site.training)
