@@ -81,7 +81,14 @@ def test_containers_reject_inconsistent_data():
 
 
 def test_registry():
-    assert set(BENCHMARKS) == {"digits-attributes", "digits-dkl", "synthetic"}
+    assert list(BENCHMARKS) == ["digits-attributes", "digits-dkl", "synthetic", "dkl-mnist", "celeba", "cityscapes"]
+    assert [n for n, e in BENCHMARKS.items() if e.local_files] == ["dkl-mnist", "celeba", "cityscapes"]
+    assert BENCHMARKS["celeba"].required == ["attr_file", "image_dir", "attributes"]
+    assert BENCHMARKS["synthetic"].required == []
+    with pytest.raises(ValueError, match=r"benchmark 'cityscapes' needs option root .*missing \['root'\]"):
+        load_benchmark("cityscapes", limit=3)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['roots'\] for benchmark 'cityscapes'"):
+        load_benchmark("cityscapes", roots="/data")
     with pytest.raises(ValueError, match="unknown benchmark 'celebb'"):
         load_benchmark("celebb")
     with pytest.raises(ValueError, match="relatednes"):
@@ -413,6 +420,15 @@ def test_celeba_random_split(tmp_path):
     assert positives == int((values[:, NAMES.index("Smiling")] == 1).sum())
     assert b.train.inputs[0] is b.train.inputs[1] and b.train.targets[0].dtype == torch.float32
     torch.testing.assert_close(b.train.inputs[0].mean((0, 2, 3)), torch.zeros(3), atol=1e-5, rtol=0)
+
+
+def test_celeba_through_the_registry_splits_attribute_text(tmp_path):
+    attr, image_dir, _ = _write_celeba(tmp_path)
+    direct = celeba(attr, image_dir, ["Smiling", "Male"], image_size=8)
+    named = load_benchmark("celeba", attr_file=attr, image_dir=image_dir, attributes="Smiling,Male,", image_size=8)
+    assert [t.name for t in named.tasks] == ["Smiling", "Male"]
+    assert torch.equal(named.test.inputs[0], direct.test.inputs[0])
+    assert all(torch.equal(a, b) for a, b in zip(named.test.targets, direct.test.targets))
 
 
 def test_celeba_partition_and_limit(tmp_path):

@@ -10,13 +10,13 @@ from sklearn.metrics import confusion_matrix
 
 from fsmtl.data import Task
 from fsmtl.metrics import (
-    KIND_METRICS,
     METRIC_DIRECTION,
     average_metrics,
     average_rank,
     segmentation_confusion,
     task_metrics,
 )
+from fsmtl.tasks import TASK_KINDS
 
 BINARY = Task("b", "binary", 1)
 MULTI = Task("m", "multiclass", 3)
@@ -108,7 +108,8 @@ def test_shape_and_type_errors():
 
 
 def test_every_metric_has_a_direction():
-    assert {m for names in KIND_METRICS.values() for m in names} == set(METRIC_DIRECTION)
+    assert {m for kind in TASK_KINDS.values() for m in kind.metrics} == set(METRIC_DIRECTION)
+    assert all(kind.primary_metric in kind.metrics for kind in TASK_KINDS.values())
     assert not METRIC_DIRECTION["abs_err"] and METRIC_DIRECTION["miou"]
 
 

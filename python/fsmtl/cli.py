@@ -42,12 +42,16 @@ def _parse_value(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiment import ALL_BENCHMARKS, METHODS, ExperimentConfig
+    import fsmtl_kernels as fk
+
+    from .data import BENCHMARKS
+    from .experiment import ExperimentConfig
+    from .strategies import METHODS
 
     d = ExperimentConfig()
     parser = argparse.ArgumentParser(prog="fsmtl", description="Fisher Sparse Multi-Task Learning (AAAI-24).")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_help = "; ".join(f"{k}: {v}" for k, v in ALL_BENCHMARKS.items())
+    bench_help = "; ".join(f"{k}: {v.summary}" for k, v in BENCHMARKS.items())
     run = sub.add_parser(
         "run",
         help="train and compare methods on a benchmark",
@@ -66,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="benchmark option or data path, e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist",
     )
-    run.add_argument("--methods", type=_csv(str), default=list(d.methods), help=f"comma-separated subset of {METHODS}")
+    run.add_argument(
+        "--methods", type=_csv(str), default=list(d.methods), help=f"comma-separated subset of {tuple(METHODS)}"
+    )
     run.add_argument("--seeds", type=_csv(int), default=list(d.seeds), help="comma-separated seeds")
     run.add_argument(
         "--keep-ratios",
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mask-forward", action="store_true", help="run each task's forward on S_t * theta (Eq. 3)")
     run.add_argument(
         "--normalize",
-        choices=("tasks", "selected"),
+        choices=fk.NORMALIZE_MODES,
         default=d.normalize,
         help="divide the masked sum by T, or by the number of tasks selecting each entry",
     )
@@ -129,10 +135,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "benchmarks":
-            from .experiment import ALL_BENCHMARKS
+            from .data import BENCHMARKS
 
-            for name, text in ALL_BENCHMARKS.items():
-                print(f"{name}: {text}")
+            for name, entry in BENCHMARKS.items():
+                print(f"{name}: {entry.summary}")
             return 0
         return run_command(args)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as exc:

@@ -3,7 +3,6 @@ seeds, keep ratio chosen on validation, results on test (Tables 1-2)."""
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -11,35 +10,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data import BENCHMARKS, Benchmark, Split, celeba, cityscapes, dkl_mnist, load_benchmark
+import fsmtl_kernels as fk
+
+from .data import Benchmark, Split, load_benchmark
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
 from .models import build_model
-from .strategies import (
-    AGGREGATORS,
-    EqualWeighting,
-    FisherSparse,
-    JacobianAggregation,
-    MaskSchedule,
-    RandomSparse,
-    Strategy,
-)
+from .strategies import METHODS, MaskSchedule, Method, MethodOptions, get_method
+from .tasks import task_kind
 from .trainer import Trainer
-
-SPARSE_METHODS = ("rs", "fs", "efs", "grad2", "absgrad")
-GRADIENT_METHODS = tuple(AGGREGATORS)
-METHODS = ("stl", "mtl", *SPARSE_METHODS, *GRADIENT_METHODS)
-# The paper's data sets, read from local paths given as options (-o KEY=VALUE on the command line).
-FILE_BENCHMARKS = {
-    "dkl-mnist": (dkl_mnist, "options mnist_dir, kmnist_dir, emnist_letters_dir (IDX files); optional limit"),
-    "celeba": (
-        celeba,
-        "options attr_file, image_dir, attributes (comma-separated names); optional image_size, limit, partition_file",
-    ),
-    "cityscapes": (cityscapes, "option root (MTAN/LibMTL .npy layout); optional limit"),
-}
-ALL_BENCHMARKS = {**BENCHMARKS, **{k: f"local files, {v[1]}" for k, v in FILE_BENCHMARKS.items()}}
-PRIMARY_METRIC = {"binary": "f1", "multiclass": "f1", "segmentation": "miou", "depth": "abs_err", "regression": "mse"}
 
 
 @dataclass
@@ -65,11 +44,17 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got unknown {unknown}")
+            raise ValueError(f"methods must be a non-empty subset of {tuple(METHODS)}, got unknown {unknown}")
+        for name in self.methods:
+            missing = METHODS[name].missing_packages()
+            if missing:
+                raise ValueError(f'method {name!r} needs {", ".join(missing)}: pip install -e ".[peers]" installs them')
         if not self.seeds:
             raise ValueError("seeds must not be empty")
-        if any(not 0.0 < p <= 1.0 for p in self.keep_ratios) or not self.keep_ratios:
-            raise ValueError(f"keep_ratios must be non-empty and lie in (0, 1], got {list(self.keep_ratios)}")
+        if not self.keep_ratios:
+            raise ValueError("keep_ratios must not be empty")
+        for i, p in enumerate(self.keep_ratios):
+            fk.check_k(p, f"keep_ratios[{i}]")
         for name in ("epochs", "batch_size", "hidden", "samples", "update_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -83,47 +68,23 @@ class ExperimentConfig:
             raise ValueError(f"device={self.device!r} is not usable here: {exc}") from None
 
 
-def load(name: str, options: dict) -> Benchmark:
-    """An embedded benchmark by name, or one of the paper's data sets from the paths in ``options``."""
-    if name not in FILE_BENCHMARKS:
-        return load_benchmark(name, **options)
-    builder, needs = FILE_BENCHMARKS[name]
-    required = [
-        p.name
-        for p in inspect.signature(builder).parameters.values()
-        if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
-    ]
-    missing = [r for r in required if r not in options]
-    if missing:
-        raise ValueError(f"benchmark {name!r} needs {needs}; missing {missing}")
-    options = dict(options)
-    if isinstance(options.get("attributes"), str):
-        options["attributes"] = [a for a in options["attributes"].split(",") if a]
-    return builder(**options)
-
-
 def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> float:
     """Mean over tasks of each task's primary metric, signed so that higher is better."""
     scores = []
     for task, metrics in zip(benchmark.tasks, per_task):
-        name = PRIMARY_METRIC[task.kind]
+        name = task_kind(task.kind).primary_metric
         scores.append(metrics[name] if METRIC_DIRECTION[name] else -metrics[name])
     return sum(scores) / len(scores)
 
 
-def _strategy(method: str, keep_ratio: float, cfg: ExperimentConfig) -> Strategy:
-    if method in ("stl", "mtl"):
-        return EqualWeighting()
-    if method in GRADIENT_METHODS:
-        return JacobianAggregation(method)
-    common = dict(
+def method_options(keep_ratio: float, cfg: ExperimentConfig) -> MethodOptions:
+    return MethodOptions(
+        keep_ratio=keep_ratio,
         schedule=MaskSchedule(warmup=cfg.warmup, every=cfg.update_every),
+        samples=cfg.samples,
         mask_forward=cfg.mask_forward,
         normalize=cfg.normalize,
     )
-    if method == "rs":
-        return RandomSparse(keep_ratio, **common)
-    return FisherSparse(keep_ratio, estimator=method, samples=cfg.samples, **common)
 
 
 def _one_task(split: Split, t: int) -> Split:
@@ -134,27 +95,34 @@ def train_once(
     benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None
 ) -> dict:
     """Train one method with one seed; returns val and test metrics per task, history, mask info."""
-    if method == "stl":
-        runs = []
-        for t, task in enumerate(benchmark.tasks):
-            sub = Benchmark(
-                benchmark.name,
-                [task],
-                True,
-                benchmark.input_shape,
-                _one_task(benchmark.train, t),
-                _one_task(benchmark.val, t),
-                _one_task(benchmark.test, t),
-            )
-            runs.append(train_once(sub, "mtl", seed, 1.0, cfg, progress))
-        return {
-            "val": [r["val"][0] for r in runs],
-            "test": [r["test"][0] for r in runs],
-            "history": [r["history"] for r in runs],
-        }
+    spec = get_method(method)
+    if not spec.single_task:
+        return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress)
+    runs = []
+    for t, task in enumerate(benchmark.tasks):
+        sub = Benchmark(
+            benchmark.name,
+            [task],
+            True,
+            benchmark.input_shape,
+            _one_task(benchmark.train, t),
+            _one_task(benchmark.val, t),
+            _one_task(benchmark.test, t),
+        )
+        runs.append(_train_model(sub, spec, seed, keep_ratio, cfg, progress))
+    return {
+        "val": [r["val"][0] for r in runs],
+        "test": [r["test"][0] for r in runs],
+        "history": [r["history"] for r in runs],
+    }
+
+
+def _train_model(
+    benchmark: Benchmark, spec: Method, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress
+) -> dict:
     torch.manual_seed(seed)
     model = build_model(benchmark, hidden=cfg.hidden).to(cfg.device)
-    strategy = _strategy(method, keep_ratio, cfg)
+    strategy = spec.build(method_options(keep_ratio, cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     trainer = Trainer(model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed)
     history = trainer.fit(benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, progress=progress)
@@ -176,7 +144,7 @@ def train_once(
 
 def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
     sizes = benchmark.train.sizes
-    if method == "stl":
+    if get_method(method).single_task:
         return sum(-(-n // cfg.batch_size) for n in sizes) * cfg.epochs
     return -(-max(sizes) // cfg.batch_size) * cfg.epochs
 
@@ -193,9 +161,9 @@ def run_experiment(
     mean validation score (mean over tasks of F-score / mIoU / -abs. error / -MSE) is kept, and
     its test metrics are reported. Returns a JSON-ready dict.
     """
-    benchmark = benchmark if benchmark is not None else load(cfg.benchmark, cfg.benchmark_options)
+    benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
     total = sum(
-        steps_per_run(benchmark, m, cfg) * len(cfg.seeds) * (len(cfg.keep_ratios) if m in SPARSE_METHODS else 1)
+        steps_per_run(benchmark, m, cfg) * len(cfg.seeds) * (len(cfg.keep_ratios) if METHODS[m].sparse else 1)
         for m in cfg.methods
     )
     progress = progress_factory(total) if progress_factory is not None else None
@@ -203,7 +171,7 @@ def run_experiment(
     methods = {}
     try:
         for method in cfg.methods:
-            ratios = list(cfg.keep_ratios) if method in SPARSE_METHODS else [1.0]
+            ratios = list(cfg.keep_ratios) if METHODS[method].sparse else [1.0]
             candidates = {}
             for p in ratios:
                 runs = [train_once(benchmark, method, s, p, cfg, progress) for s in cfg.seeds]
@@ -214,7 +182,8 @@ def run_experiment(
     finally:
         if progress is not None and hasattr(progress, "close"):
             progress.close()
-    ranked = {m: r["test_mean"] for m, r in methods.items() if m != "stl"}
+    # As in the paper, single-task models are a reference, not ranked among the multi-task methods.
+    ranked = {m: r["test_mean"] for m, r in methods.items() if not METHODS[m].single_task}
     ranks = average_rank(ranked) if len(ranked) > 1 else {m: 1.0 for m in ranked}
     for m, r in methods.items():
         r["avg_rank"] = ranks.get(m)
@@ -232,6 +201,7 @@ def run_experiment(
 
 
 def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark) -> dict:
+    sparse = METHODS[method].sparse
     runs = candidates[best]["runs"]
     per_seed = [average_metrics(r["test"]) for r in runs]
     names = list(per_seed[0])
@@ -242,14 +212,14 @@ def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark)
         for t in range(len(benchmark.tasks))
     ]
     out = {
-        "keep_ratio": best if method in SPARSE_METHODS else None,
+        "keep_ratio": best if sparse else None,
         "val_scores": {str(p): c["val_score"] for p, c in candidates.items()},
         "test_mean": mean,
         "test_std": std,
         "test_per_task": per_task,
         "test_per_seed": per_seed,
-        "mask_updates": [r["history"]["mask_updates"] for r in runs] if method in SPARSE_METHODS else [],
+        "mask_updates": [r["history"]["mask_updates"] for r in runs] if sparse else [],
     }
-    if method in SPARSE_METHODS:
+    if sparse:
         out["mask"] = runs[0].get("mask")
     return out

@@ -50,9 +50,6 @@ class MultiTaskModel(nn.Module):
         """All trainable trunk parameters."""
         return [p for p in self.trunk.parameters() if p.requires_grad]
 
-    def masked_parameter_names(self) -> list[str]:
-        return list(self._masked_names)
-
     def masked_parameters(self) -> list[nn.Parameter]:
         """The trunk parameters the task masks cover, in a fixed order."""
         params = dict(self.trunk.named_parameters())
@@ -67,24 +64,27 @@ class MultiTaskModel(nn.Module):
         return [p for p in self.heads.parameters() if p.requires_grad]
 
     def features(self, x: torch.Tensor, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Trunk features; with ``mask`` (tensors shaped like :meth:`masked_parameters`) the trunk
-        runs on ``mask * theta_sh`` so entries outside the mask neither act nor get gradients."""
+        """Trunk features; with ``mask`` (bool tensors shaped like :meth:`masked_parameters`) the
+        trunk runs on ``mask * theta_sh``: entries outside the mask act as 0 and get a zero gradient."""
         if mask is None:
             return self.trunk(x)
-        overrides = {n: p * m for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)}
+        # where() rather than a float product: no float copy of the mask, and the gradient is the
+        # incoming one inside the mask and exactly 0 outside (what p * m gives, up to the sign of 0).
+        overrides = {n: torch.where(m, p, 0.0) for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)}
         return functional_call(self.trunk, overrides, (x,))
 
     def forward(self, x: torch.Tensor, task: int, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         return self.heads[task](self.features(x, mask))
 
     def export_task(self, task: int, mask: Sequence[torch.Tensor] | None = None) -> nn.Sequential:
-        """Task ``task``'s inference model ``head_t(trunk(x; S_t * theta_sh))`` with the mask baked in."""
+        """Task ``task``'s inference model ``head_t(trunk(x; S_t * theta_sh))`` with the (bool) mask
+        baked in."""
         trunk = copy.deepcopy(self.trunk)
         if mask is not None:
             params = dict(trunk.named_parameters())
             with torch.no_grad():
                 for n, m in zip(self._masked_names, mask):
-                    params[n].mul_(m.to(params[n].dtype))
+                    params[n].masked_fill_(~m, 0.0)
         return nn.Sequential(trunk, copy.deepcopy(self.heads[task])).eval()
 
 

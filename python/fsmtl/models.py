@@ -9,6 +9,7 @@ from torch import nn
 
 from .data import Benchmark
 from .model import MultiTaskModel
+from .tasks import task_kind
 
 
 def mlp_trunk(in_features: int, hidden: int = 128, depth: int = 2) -> nn.Sequential:
@@ -50,7 +51,7 @@ def dense_trunk(channels: int, hidden: int = 32) -> nn.Sequential:
 def build_model(benchmark: Benchmark, *, hidden: int = 128) -> MultiTaskModel:
     """A trunk fitted to the benchmark's input shape and one head per task."""
     shape = tuple(benchmark.input_shape)
-    dense = any(t.kind in ("segmentation", "depth") for t in benchmark.tasks)
+    dense = any(task_kind(t.kind).dense for t in benchmark.tasks)
     if dense:
         trunk, width = dense_trunk(shape[0], hidden=min(hidden, 64)), min(hidden, 64)
         heads = [nn.Conv2d(width, t.num_outputs, 1) for t in benchmark.tasks]

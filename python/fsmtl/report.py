@@ -7,25 +7,15 @@ import json
 from pathlib import Path
 
 from .metrics import METRIC_DIRECTION
+from .strategies import METHODS
 
-METHOD_LABELS = {
-    "stl": "STL",
-    "mtl": "MTL",
-    "rs": "RS",
-    "fs": "FS",
-    "efs": "EFS",
-    "grad2": "GRAD2",
-    "absgrad": "ABSGRAD",
-    "mgda": "MGDA",
-    "pcgrad": "PCGrad",
-    "cagrad": "CAGrad",
-    "nashmtl": "Nash-MTL",
-    "rgw": "RGW",
-    "upgrad": "UPGrad",
-    "imtlg": "IMTL-G",
-    "dualproj": "DualProj",
-    "alignedmtl": "Aligned-MTL",
-}
+
+def _label(method: str) -> str:
+    return METHODS[method].label if method in METHODS else method
+
+
+def _single_task(method: str) -> bool:
+    return method in METHODS and METHODS[method].single_task
 
 
 def _metric_names(results: dict) -> list[str]:
@@ -40,10 +30,10 @@ def format_table(results: dict) -> str:
     header = ["Model", "p", *arrows, "Avg Rank"]
     rows = [header]
     for method, r in results["methods"].items():
-        p = "-" if method == "stl" else "100%" if r["keep_ratio"] is None else f"{r['keep_ratio']:.0%}"
+        p = "-" if _single_task(method) else "100%" if r["keep_ratio"] is None else f"{r['keep_ratio']:.0%}"
         cells = [f"{r['test_mean'][n]:.4f} +- {r['test_std'][n]:.4f}" for n in names]
         rank = "-" if r.get("avg_rank") is None else f"{r['avg_rank']:.2f}"
-        rows.append([METHOD_LABELS.get(method, method), p, *cells, rank])
+        rows.append([_label(method), p, *cells, rank])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -93,7 +83,7 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
     for i, m in enumerate(methods):
         vals = [pt.get(metric, np.nan) for pt in results["methods"][m]["test_per_task"]]
         lowest = min(lowest, float(np.nanmin(vals)))
-        ax.bar(x + i * width, vals, width, label=METHOD_LABELS.get(m, m))
+        ax.bar(x + i * width, vals, width, label=_label(m))
     if METRIC_DIRECTION.get(metric, True) and 0.0 <= lowest <= 1.0:
         ax.set_ylim(max(0.0, lowest - 0.05), 1.0)  # zoom in: the differences between methods are small
     ax.set_xticks(x + width * (len(methods) - 1) / 2, tasks, rotation=30, ha="right")
@@ -113,7 +103,7 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
         ax.set_yticks(range(len(tasks)), tasks)
         for (i, j), v in np.ndenumerate(overlap):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
-        ax.set_title(f"{METHOD_LABELS.get(m, m)} mask overlap (Jaccard), p={results['methods'][m]['keep_ratio']:.0%}")
+        ax.set_title(f"{_label(m)} mask overlap (Jaccard), p={results['methods'][m]['keep_ratio']:.0%}")
         fig.colorbar(im, ax=ax)
         fig.tight_layout()
         paths.append(out_dir / f"overlap_{m}.png")

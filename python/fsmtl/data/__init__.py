@@ -1,9 +1,9 @@
 """Multi-task benchmarks: embedded ones that need no download, and loaders for the paper's data sets.
 
-Embedded (see :data:`BENCHMARKS`, built by :func:`load_benchmark`): ``digits-attributes``,
-``digits-dkl`` and ``synthetic``. Loaders of local files: :func:`read_idx` and :func:`dkl_mnist`
-(MNIST / KMNIST / EMNIST-letters IDX files), :func:`celeba` (attribute file plus images) and
-:func:`cityscapes` (MTAN/LibMTL preprocessed ``.npy`` arrays).
+Every benchmark is an entry of :data:`BENCHMARKS`, built by :func:`load_benchmark`: embedded ones
+(``digits-attributes``, ``digits-dkl``, ``synthetic``) and the paper's data from local files
+(``dkl-mnist``: :func:`dkl_mnist` over :func:`read_idx` files; ``celeba``: :func:`celeba`, an
+attribute file plus images; ``cityscapes``: :func:`cityscapes`, MTAN/LibMTL ``.npy`` arrays).
 """
 
 from ._types import TASK_KINDS, Benchmark, Split, Task
@@ -11,7 +11,7 @@ from .celeba import celeba, read_attributes, read_partition
 from .cityscapes import cityscapes
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
 from .idx import dkl_mnist, read_idx
-from .registry import BENCHMARKS, load_benchmark
+from .registry import BENCHMARKS, BenchmarkEntry, load_benchmark
 from .synthetic import synthetic
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "POSITIVE_RATES",
     "TASK_KINDS",
     "Benchmark",
+    "BenchmarkEntry",
     "Split",
     "Task",
     "celeba",

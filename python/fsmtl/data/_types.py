@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-TASK_KINDS = ("binary", "multiclass", "regression", "segmentation", "depth")
+from ..tasks import TASK_KINDS
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,8 @@ class Task:
 
     Attributes:
         name: short identifier, unique within a benchmark (used as a column name in result tables).
-        kind: ``"binary"``, ``"multiclass"``, ``"regression"``, ``"segmentation"`` or ``"depth"``.
+        kind: a name in :data:`fsmtl.tasks.TASK_KINDS`: ``"binary"``, ``"multiclass"``, ``"regression"``,
+            ``"segmentation"`` or ``"depth"``.
         num_outputs: width of the task head: 1 for binary, regression and depth; the number of
             classes C for multiclass and segmentation.
     """
@@ -34,36 +35,11 @@ class Task:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Task.name must be a non-empty string, got {self.name!r}")
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"Task.kind must be one of {TASK_KINDS}, got {self.kind!r}")
+        if not isinstance(self.kind, str) or self.kind not in TASK_KINDS:
+            raise ValueError(f"Task.kind must be one of {tuple(TASK_KINDS)}, got {self.kind!r}")
         if isinstance(self.num_outputs, bool) or not isinstance(self.num_outputs, int):
             raise TypeError(f"Task.num_outputs must be an int, got {type(self.num_outputs).__name__}")
-        if self.kind in ("binary", "regression", "depth") and self.num_outputs != 1:
-            raise ValueError(f"Task.num_outputs must be 1 for kind {self.kind!r}, got {self.num_outputs}")
-        if self.kind in ("multiclass", "segmentation") and self.num_outputs < 2:
-            raise ValueError(f"Task.num_outputs must be >= 2 classes for kind {self.kind!r}, got {self.num_outputs}")
-
-
-def _check_target(task: Task, target: torch.Tensor, n: int, where: str) -> None:
-    """Raise ValueError unless ``target`` has the dtype and shape the task kind implies."""
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"{where}: targets must be torch.Tensor, got {type(target).__name__}")
-    if target.shape[:1] != (n,):
-        raise ValueError(f"{where}: targets have {tuple(target.shape)[:1]} samples, inputs have {n}")
-    expected = {
-        "binary": (torch.float32, 1),
-        "regression": (torch.float32, 1),
-        "multiclass": (torch.int64, 1),
-        "segmentation": (torch.int64, 3),
-        "depth": (torch.float32, 4),
-    }[task.kind]
-    if target.dtype != expected[0] or target.dim() != expected[1]:
-        raise ValueError(
-            f"{where}: task {task.name!r} of kind {task.kind!r} needs targets of dtype {expected[0]} with "
-            f"{expected[1]} dims, got {target.dtype} with shape {tuple(target.shape)}"
-        )
-    if task.kind == "depth" and target.shape[1] != 1:
-        raise ValueError(f"{where}: depth targets must be [n, 1, H, W], got {tuple(target.shape)}")
+        TASK_KINDS[self.kind].check_num_outputs(self.num_outputs)
 
 
 @dataclass
@@ -138,21 +114,9 @@ class Benchmark:
                     )
                 if self.homogeneous and x is not split.inputs[0]:
                     raise ValueError(f"{where}: a homogeneous benchmark must hold the same input tensor for every task")
-                _check_target(task, y, int(x.shape[0]), f"{where} task {task.name!r}")
+                TASK_KINDS[task.kind].check_target(task, y, int(x.shape[0]), f"{where} task {task.name!r}")
 
     @property
     def num_tasks(self) -> int:
         """Number of tasks T."""
         return len(self.tasks)
-
-    def summary(self) -> str:
-        """A few human-readable lines: tasks, kinds, split sizes and (binary tasks) train positive rates."""
-        kind = "homogeneous" if self.homogeneous else "heterogeneous"
-        lines = [f"{self.name}: {self.num_tasks} tasks, {kind}, input shape {self.input_shape}"]
-        for t, task in enumerate(self.tasks):
-            sizes = "/".join(str(s.sizes[t]) for s in (self.train, self.val, self.test))
-            extra = ""
-            if task.kind == "binary":
-                extra = f", train positive rate {self.train.targets[t].mean().item():.3f}"
-            lines.append(f"  {task.name} ({task.kind}, {task.num_outputs} outputs): train/val/test {sizes}{extra}")
-        return "\n".join(lines)

@@ -33,8 +33,6 @@ class TrainingContext:
 class Strategy(ABC):
     """Base class of all training strategies."""
 
-    name: str = "strategy"
-
     def bind(self, context: TrainingContext) -> None:
         """Called once by ``Trainer.fit`` before the first step."""
         self.context = context

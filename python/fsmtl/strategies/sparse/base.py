@@ -41,10 +41,7 @@ class SparseStrategy(Strategy):
         freeze_unselected: bool = False,
         batched_grads: bool = True,
     ) -> None:
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
-            raise TypeError(f"keep_ratio must be a float in (0, 1] or an int count, got {type(keep_ratio).__name__}")
-        if isinstance(keep_ratio, float) and not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must lie in (0, 1], got {keep_ratio}")
+        fk.check_k(keep_ratio, "keep_ratio")
         if normalize not in fk.NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
         self.keep_ratio = keep_ratio
@@ -56,7 +53,7 @@ class SparseStrategy(Strategy):
         self.freeze_unselected = bool(freeze_unselected)
         self.batched_grads = bool(batched_grads)
         self.mask: fk.PackedMask | None = None
-        self._float_masks: list[torch.Tensor] | None = None
+        self._forward_masks: list[list[torch.Tensor]] | None = None
         self._unselected: list[torch.Tensor] | None = None
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -88,14 +85,13 @@ class SparseStrategy(Strategy):
             raise ValueError("mask does not cover the model's masked parameters")
         self.mask = mask
         stacked = mask.to_bool_stacked()
-        self._float_masks = [m.to(p.dtype) for m, p in zip(stacked, params)] if self.mask_forward else None
+        # Per task, views into the stacked bool masks: no copy per task or per step.
+        self._forward_masks = [[m[t] for m in stacked] for t in range(mask.num_tasks)] if self.mask_forward else None
         # Entries no task holds: only needed to freeze them, and fixed until the next mask update.
         self._unselected = [~m.any(0) for m in stacked] if self.freeze_unselected else None
 
     def forward_mask(self, task: int) -> list[torch.Tensor] | None:
-        if self._float_masks is None:
-            return None
-        return [m[task] for m in self._float_masks]
+        return None if self._forward_masks is None else self._forward_masks[task]
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model

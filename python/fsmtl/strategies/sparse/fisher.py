@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import fsmtl_kernels as fk
 
 from ...estimators import ESTIMATORS
 from ...masks import compute_masks
+from ..method import Method
 from .base import SparseStrategy
 
 
@@ -24,14 +27,13 @@ class FisherSparse(SparseStrategy):
         self, keep_ratio: float | int, *, estimator: str = "fs", samples: int = 256, chunk_size: int = 32, **kwargs
     ) -> None:
         if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+            raise ValueError(f"estimator must be one of {tuple(ESTIMATORS)}, got {estimator!r}")
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"samples must be a positive int, got {samples!r}")
         super().__init__(keep_ratio, **kwargs)
         self.estimator = estimator
         self.samples = samples
         self.chunk_size = chunk_size
-        self.name = estimator
 
     def compute_mask(self) -> fk.PackedMask:
         ctx = self.context
@@ -39,3 +41,21 @@ class FisherSparse(SparseStrategy):
         return compute_masks(
             ctx.model, ctx.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size
         )
+
+
+def _fisher_sparse(estimator: str, options) -> FisherSparse:
+    return FisherSparse(
+        options.keep_ratio,
+        estimator=estimator,
+        samples=options.samples,
+        schedule=options.schedule,
+        mask_forward=options.mask_forward,
+        normalize=options.normalize,
+    )
+
+
+# One method per score estimator: FS, EFS, GRAD2 and ABSGRAD are FisherSparse with another score.
+METHODS = tuple(
+    Method(name, est.label, partial(_fisher_sparse, name), FisherSparse, variant=name, sparse=True)
+    for name, est in ESTIMATORS.items()
+)

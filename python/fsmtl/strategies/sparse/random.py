@@ -6,13 +6,12 @@ import torch
 
 import fsmtl_kernels as fk
 
+from ..method import Method
 from .base import SparseStrategy
 
 
 class RandomSparse(SparseStrategy):
     """Each task keeps a uniformly random subset of ``keep_ratio`` of the masked trunk entries."""
-
-    name = "rs"
 
     def compute_mask(self) -> fk.PackedMask:
         ctx = self.context
@@ -22,3 +21,12 @@ class RandomSparse(SparseStrategy):
             for p in ctx.model.masked_parameters()
         ]
         return fk.topk_mask_batched(scores, self.keep_ratio)
+
+
+def _random_sparse(options) -> RandomSparse:
+    return RandomSparse(
+        options.keep_ratio, schedule=options.schedule, mask_forward=options.mask_forward, normalize=options.normalize
+    )
+
+
+METHODS = (Method("rs", "RS", _random_sparse, RandomSparse, sparse=True),)

@@ -8,6 +8,7 @@ import torch
 
 from ...gradients import dense_multitask_backward
 from ..base import Strategy
+from ..method import Method
 
 
 class EqualWeighting(Strategy):
@@ -17,7 +18,15 @@ class EqualWeighting(Strategy):
     backward pass; this equals :class:`~fsmtl.strategies.FisherSparse` with every mask full.
     """
 
-    name = "mtl"
-
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         dense_multitask_backward(losses, self.context.model.shared_parameters())
+
+
+def _equal(options) -> EqualWeighting:
+    return EqualWeighting()
+
+
+METHODS = (
+    Method("stl", "STL", _equal, EqualWeighting, single_task=True),
+    Method("mtl", "MTL", _equal, EqualWeighting),
+)

@@ -3,23 +3,38 @@ by an aggregator (MGDA, PCGrad, CAGrad, Nash-MTL, random weights, ...) instead o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import NamedTuple
 
 import torch
 
 from ..base import Strategy
+from ..method import Method
 
-# name -> (torchjd.aggregation class name, keyword arguments)
-AGGREGATORS = {
-    "mgda": ("MGDA", {}),
-    "pcgrad": ("PCGrad", {}),
-    "cagrad": ("CAGrad", {"c": 0.4}),
-    "nashmtl": ("NashMTL", {"n_tasks": None}),
-    "rgw": ("Random", {}),
-    "upgrad": ("UPGrad", {}),
-    "imtlg": ("IMTLG", {}),
-    "dualproj": ("DualProj", {}),
-    "alignedmtl": ("AlignedMTL", {}),
+
+class Aggregator(NamedTuple):
+    """A torchjd aggregator: its class in ``torchjd.aggregation``, keyword arguments (None means
+    the number of tasks), table label, and the solver packages it needs besides torchjd."""
+
+    torchjd_class: str
+    kwargs: Mapping[str, object]
+    label: str
+    requires: tuple[str, ...] = ()
+
+
+# The solvers are torchjd's optional dependencies ("torchjd[full]"), named as find_spec sees them.
+_QUADPROG = ("qpsolvers", "quadprog")
+AGGREGATORS: dict[str, Aggregator] = {
+    "mgda": Aggregator("MGDA", {}, "MGDA"),
+    "pcgrad": Aggregator("PCGrad", {}, "PCGrad"),
+    "cagrad": Aggregator("CAGrad", {"c": 0.4}, "CAGrad", ("cvxpy", "clarabel")),
+    "nashmtl": Aggregator("NashMTL", {"n_tasks": None}, "Nash-MTL", ("cvxpy", "ecos")),
+    "rgw": Aggregator("Random", {}, "RGW"),
+    "upgrad": Aggregator("UPGrad", {}, "UPGrad", _QUADPROG),
+    "imtlg": Aggregator("IMTLG", {}, "IMTL-G"),
+    "dualproj": Aggregator("DualProj", {}, "DualProj", _QUADPROG),
+    "alignedmtl": Aggregator("AlignedMTL", {}, "Aligned-MTL"),
 }
 
 
@@ -38,7 +53,6 @@ class JacobianAggregation(Strategy):
         if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {sorted(AGGREGATORS)} or a torchjd Aggregator")
         self.aggregator = aggregator
-        self.name = aggregator if isinstance(aggregator, str) else type(aggregator).__name__.lower()
         self._built = None
 
     def _build(self, num_tasks: int):
@@ -48,9 +62,9 @@ class JacobianAggregation(Strategy):
             import torchjd.aggregation as agg
         except ImportError as exc:
             raise ImportError("JacobianAggregation needs torchjd: pip install torchjd") from exc
-        cls_name, kwargs = AGGREGATORS[self.aggregator]
-        kwargs = {k: (num_tasks if v is None else v) for k, v in kwargs.items()}
-        return getattr(agg, cls_name)(**kwargs)
+        spec = AGGREGATORS[self.aggregator]
+        kwargs = {k: (num_tasks if v is None else v) for k, v in spec.kwargs.items()}
+        return getattr(agg, spec.torchjd_class)(**kwargs)
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         from torchjd.autojac import backward, jac_to_grad
@@ -63,3 +77,15 @@ class JacobianAggregation(Strategy):
         torch.autograd.backward(stacked.sum(), inputs=model.head_parameters(), retain_graph=True)
         backward(list(stacked), inputs=shared)
         jac_to_grad(shared, self._built)
+
+
+def _jacobian(name: str, options) -> JacobianAggregation:
+    return JacobianAggregation(name)
+
+
+METHODS = tuple(
+    Method(
+        name, a.label, partial(_jacobian, name), JacobianAggregation, variant=name, requires=("torchjd", *a.requires)
+    )
+    for name, a in AGGREGATORS.items()
+)

@@ -1,0 +1,34 @@
+"""Every method by name: :data:`METHODS`, filled from the ``METHODS`` tuple of each strategy
+module. Adding one: a strategy module that defines its :class:`~fsmtl.strategies.method.Method`
+records, and its name in the tuple at the bottom (or :func:`register_method` from user code)."""
+
+from __future__ import annotations
+
+from .method import Method
+from .sparse import fisher, random
+from .weighting import equal, jacobian
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a Method, got {type(method).__name__}")
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ValueError naming the known methods otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method {name!r} is not one of {tuple(METHODS)}") from None
+
+
+# Table order: dense baselines, sparse methods, then the gradient-balancing peers.
+for _module in (equal, random, fisher, jacobian):
+    for _method in _module.METHODS:
+        register_method(_method)
