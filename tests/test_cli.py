@@ -42,8 +42,33 @@ def test_run_end_to_end(tmp_path, capsys):
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "Avg Rank" in printed and "FS" in printed and "EFS" in printed
     results = json.loads((out / "results.json").read_text())
+    lines = printed.splitlines()
+    assert lines[0] == "synthetic: 4 tasks, test set, mean +- std over 2 seeds (^ higher is better, v lower)"
+    assert lines[1].split() == [
+        "Model",
+        "p",
+        "accuracy",
+        "^",
+        "precision",
+        "^",
+        "recall",
+        "^",
+        "f1",
+        "^",
+        "Avg",
+        "Rank",
+    ]
+    assert set(lines[2]) == {"-", " "}
+    rows = [line.split() for line in lines[3:8]]
+    assert [r[0] for r in rows] == ["STL", "MTL", "RS", "FS", "EFS"] and lines[8] == ""
+    methods = results["methods"]
+    for row, name in zip(rows, ["stl", "mtl", "rs", "fs", "efs"]):
+        r = methods[name]
+        p = {"stl": "-", "mtl": "100%"}.get(name) or f"{r['keep_ratio']:.0%}"
+        rank = "-" if name == "stl" else f"{r['avg_rank']:.2f}"
+        cells = [f"{r['test_mean'][m]:.4f}" for m in ("accuracy", "precision", "recall", "f1")]
+        assert row[1] == p and row[-1] == rank and row[2::3][:4] == cells
     assert set(results["methods"]) == {"stl", "mtl", "rs", "fs", "efs"}
     fs = results["methods"]["fs"]
     assert fs["keep_ratio"] in (0.3, 0.7)
