@@ -4,6 +4,8 @@
 // Bytes moved: the gradients once (N * P * sizeof(grad)) plus the Fisher buffers read and
 // written once (8 * P). No temporary the size of the gradients: each block of entries is
 // accumulated in a stack buffer across the N sample rows, then added to F.
+#include <torch/library.h>
+
 #include "common.h"
 
 namespace fsmtl {
@@ -76,16 +78,20 @@ void accumulate_half(const c10::Half* grad, int64_t row_stride, int64_t samples,
 
 }  // namespace
 
+// The CPU kernel of torch.ops.fsmtl.fisher_accumulate (schema in fsmtl_kernels/fisher_accumulate.py).
+// Any strides: non-contiguous gradients are read through a contiguous copy, and a non-contiguous
+// Fisher buffer is updated through one that is copied back.
 void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double scale, bool per_sample) {
   TORCH_CHECK(fisher.size() == grads.size(), "fisher_accumulate: fisher has ", fisher.size(), " tensors but grads has ",
               grads.size());
   std::vector<int64_t> numels;
+  std::vector<at::Tensor> work;
+  std::vector<at::Tensor> grad;
   for (size_t i = 0; i < fisher.size(); ++i) {
     const auto& f = fisher[i];
     const auto& g = grads[i];
     TORCH_CHECK(f.device().is_cpu() && g.device().is_cpu(), "fisher_accumulate: tensors must be on the CPU");
     TORCH_CHECK(f.scalar_type() == at::kFloat, "fisher_accumulate: fisher[", i, "] must be float32");
-    TORCH_CHECK(f.is_contiguous() && g.is_contiguous(), "fisher_accumulate: tensors must be contiguous");
     const auto st = g.scalar_type();
     TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "fisher_accumulate: grads[", i,
                 "] must be float32, float16 or bfloat16");
@@ -93,6 +99,8 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double s
     TORCH_CHECK(g.numel() == rows * f.numel() && (!per_sample || g.dim() == f.dim() + 1),
                 "fisher_accumulate: grads[", i, "] does not match fisher[", i, "]");
     numels.push_back(f.numel());
+    work.push_back(f.contiguous());
+    grad.push_back(g.contiguous());
   }
   const auto blocks = make_blocks(numels, kFisherBlock);
   const float scale_f = static_cast<float>(scale);
@@ -100,10 +108,10 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double s
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const Block& blk = blocks[b];
-      const at::Tensor& g = grads[blk.param];
+      const at::Tensor& g = grad[blk.param];
       const int64_t n = numels[blk.param];
       const int64_t samples = per_sample ? g.size(0) : 1;
-      float* f = fisher[blk.param].data_ptr<float>() + blk.begin;
+      float* f = work[blk.param].data_ptr<float>() + blk.begin;
       const int64_t len = blk.end - blk.begin;
       switch (g.scalar_type()) {
         case at::kHalf:
@@ -117,6 +125,11 @@ void fisher_accumulate_cpu(at::TensorList fisher, at::TensorList grads, double s
       }
     }
   });
+  for (size_t i = 0; i < fisher.size(); ++i) {
+    if (!work[i].is_same(fisher[i])) fisher[i].copy_(work[i]);
+  }
 }
 
 }  // namespace fsmtl
+
+TORCH_LIBRARY_IMPL(fsmtl, CPU, m) { m.impl("fisher_accumulate", &fsmtl::fisher_accumulate_cpu); }

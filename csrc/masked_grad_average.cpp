@@ -6,6 +6,8 @@
 //
 // Bytes moved: T * P * sizeof(grad) + T * P / 8 (mask) read, P * sizeof(out) written.
 // As in the reference, a masked-out entry contributes g * 0 (so an inf gradient gives NaN).
+#include <torch/library.h>
+
 #include "common.h"
 
 namespace fsmtl {
@@ -114,22 +116,30 @@ void average_block_out(const G* grad, int64_t task_stride, int64_t tasks, const 
 
 }  // namespace
 
-void masked_grad_average_cpu(at::TensorList grads, const at::Tensor& words, at::IntArrayRef word_offsets,
-                             bool selected, at::TensorList out) {
+// The CPU kernel of torch.ops.fsmtl.masked_grad_average (schema in fsmtl_kernels/masked_grad_average.py):
+// parameter i's mask bits start at word word_offsets[i] of each task's row of `words`. Any strides:
+// non-contiguous gradients are read through a contiguous copy, a non-contiguous output is written
+// through a contiguous buffer copied back.
+void masked_grad_average_cpu(at::TensorList grads, const at::Tensor& words_in, at::IntArrayRef word_offsets,
+                             c10::string_view normalize, at::TensorList out) {
+  TORCH_CHECK(normalize == "tasks" || normalize == "selected",
+              "masked_grad_average: normalize must be \"tasks\" or \"selected\"");
+  const bool selected = normalize == "selected";
   TORCH_CHECK(grads.size() == out.size() && grads.size() == word_offsets.size(),
               "masked_grad_average: grads, word_offsets and out must have the same length");
-  TORCH_CHECK(words.device().is_cpu() && words.scalar_type() == at::kInt && words.dim() == 2 && words.is_contiguous(),
-              "masked_grad_average: words must be a contiguous int32 CPU tensor [T, W]");
+  TORCH_CHECK(words_in.device().is_cpu() && words_in.scalar_type() == at::kInt && words_in.dim() == 2,
+              "masked_grad_average: words must be an int32 CPU tensor [T, W]");
+  const at::Tensor words = words_in.contiguous();
   const int64_t tasks = words.size(0);
   const int64_t n_words = words.size(1);
   TORCH_CHECK(tasks > 0, "masked_grad_average: the mask has no task");
   std::vector<int64_t> numels;
+  std::vector<at::Tensor> grad;
+  std::vector<at::Tensor> work;
   for (size_t i = 0; i < grads.size(); ++i) {
     const auto& g = grads[i];
     const auto& o = out[i];
     TORCH_CHECK(g.device().is_cpu() && o.device().is_cpu(), "masked_grad_average: tensors must be on the CPU");
-    TORCH_CHECK(g.is_contiguous() && o.is_contiguous(), "masked_grad_average: grads[", i, "] and out[", i,
-                "] must be contiguous");
     const auto gt = g.scalar_type();
     const auto ot = o.scalar_type();
     TORCH_CHECK(gt == at::kFloat || gt == at::kHalf || gt == at::kBFloat16, "masked_grad_average: grads[", i,
@@ -141,14 +151,16 @@ void masked_grad_average_cpu(at::TensorList grads, const at::Tensor& words, at::
     TORCH_CHECK(word_offsets[i] >= 0 && word_offsets[i] + (o.numel() + 31) / 32 <= n_words,
                 "masked_grad_average: word_offsets[", i, "] is out of range");
     numels.push_back(o.numel());
+    grad.push_back(g.contiguous());
+    work.push_back(o.is_contiguous() ? o : at::empty(o.sizes(), o.options()));
   }
   const auto blocks = make_blocks(numels, kAverageBlock);
   const int32_t* w = words.const_data_ptr<int32_t>();
   at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
       const Block& blk = blocks[b];
-      const at::Tensor& g = grads[blk.param];
-      at::Tensor o = out[blk.param];
+      const at::Tensor& g = grad[blk.param];
+      at::Tensor o = work[blk.param];
       const int64_t n = numels[blk.param];
       const int32_t* bw = w + word_offsets[blk.param] + blk.begin / 32;
       const int64_t len = blk.end - blk.begin;
@@ -167,6 +179,11 @@ void masked_grad_average_cpu(at::TensorList grads, const at::Tensor& words, at::
       }
     }
   });
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!work[i].is_same(out[i])) out[i].copy_(work[i]);
+  }
 }
 
 }  // namespace fsmtl
+
+TORCH_LIBRARY_IMPL(fsmtl, CPU, m) { m.impl("masked_grad_average", &fsmtl::masked_grad_average_cpu); }

@@ -18,6 +18,8 @@
 // the first pass, its keys and positions are copied out during the second pass so the remaining
 // passes touch only them; otherwise ties are located by per-block tie counts, prefix-summed.
 // Bytes moved: 2 to 4 reads of the scores (4 * P each) plus the mask (P / 8) written once.
+#include <torch/library.h>
+
 #include "common.h"
 
 #include <cmath>
@@ -511,14 +513,18 @@ class TaskSelector {
 
 }  // namespace
 
-at::Tensor topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks) {
+// The CPU kernel of torch.ops.fsmtl.topk_mask (schema in fsmtl_kernels/topk_mask.py): parameter i's
+// bits go to words [word_offsets[i], word_offsets[i] + ceil(n_i / 32)) of each task's row of n_words
+// words, the layout fsmtl_kernels.packed_mask.word_layout gives.
+at::Tensor topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks, at::IntArrayRef word_offsets, int64_t n_words) {
   TORCH_CHECK(!scores.empty(), "topk_mask: scores must not be empty");
+  TORCH_CHECK(word_offsets.size() == scores.size(), "topk_mask: word_offsets has ", word_offsets.size(),
+              " entries but scores has ", scores.size());
   const int64_t num_tasks = scores[0].dim() > 0 ? scores[0].size(0) : 0;
   TORCH_CHECK(static_cast<int64_t>(ks.size()) == num_tasks, "topk_mask: ks has ", ks.size(), " entries but there are ",
               num_tasks, " tasks");
   Params p;
   int64_t total = 0;
-  int64_t n_words = 0;
   for (size_t i = 0; i < scores.size(); ++i) {
     const auto& s = scores[i];
     TORCH_CHECK(s.device().is_cpu() && s.scalar_type() == at::kFloat && s.is_contiguous(), "topk_mask: scores[", i,
@@ -526,16 +532,18 @@ at::Tensor topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks) {
     TORCH_CHECK(s.dim() >= 1 && s.size(0) == num_tasks, "topk_mask: scores[", i, "] must be [T, ...] with T = ",
                 num_tasks);
     const int64_t n = num_tasks ? s.numel() / num_tasks : 0;
+    TORCH_CHECK(word_offsets[i] >= 0 && word_offsets[i] + (n + 31) / 32 <= n_words, "topk_mask: word_offsets[", i,
+                "] is out of range");
     p.data.push_back(s.const_data_ptr<float>());
     p.numels.push_back(n);
-    p.word_offsets.push_back(n_words);
+    p.word_offsets.push_back(word_offsets[i]);
     total += n;
-    n_words += (n + 31) / 32;
   }
   for (int64_t t = 0; t < num_tasks; ++t) {
     TORCH_CHECK(ks[t] >= 0 && ks[t] <= total, "topk_mask: ks[", t, "]=", ks[t], " is out of range [0, ", total, "]");
   }
-  at::Tensor words = at::empty({num_tasks, n_words}, scores[0].options().dtype(at::kInt));
+  // Zeroed: words outside every parameter's range (none in word_layout's layout) stay 0.
+  at::Tensor words = at::zeros({num_tasks, n_words}, scores[0].options().dtype(at::kInt));
   if (total == 0 || num_tasks == 0) return words;
   const auto blocks = make_blocks(p.numels, kTopkBlock);
   const auto chunks = make_chunks(blocks, total, at::get_num_threads(), kMinChunk);
@@ -545,3 +553,5 @@ at::Tensor topk_mask_cpu(at::TensorList scores, at::IntArrayRef ks) {
 }
 
 }  // namespace fsmtl
+
+TORCH_LIBRARY_IMPL(fsmtl, CPU, m) { m.impl("topk_mask", &fsmtl::topk_mask_cpu); }

@@ -8,14 +8,19 @@
 * :func:`linear_fisher` — a Linear layer's Fisher from one batched backward, ``(g*g)^T (a*a)``.
 
 Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
+Each op lives in the module of its name (``fsmtl_kernels/<op>.py``: public function, argument
+checks, dispatch and the one ``torch.ops.fsmtl.<op>`` schema), with its kernels in
+``reference/<op>.py``, ``triton/<op>.py`` and ``csrc/<op>.cpp``.
 """
 
 from ._checks import check_k, resolve_k
-from .average import NORMALIZE_MODES, masked_grad_average
 from .backends import BackendUnavailableError, available_backends
-from .fisher import fisher_accumulate, fisher_topk, fisher_topk_batched, linear_fisher
-from .mask import PackedMask, popcount
-from .topk import topk_mask, topk_mask_batched
+from .fisher_accumulate import fisher_accumulate
+from .fisher_topk import fisher_topk, fisher_topk_batched
+from .linear_fisher import linear_fisher
+from .masked_grad_average import NORMALIZE_MODES, masked_grad_average
+from .packed_mask import PackedMask, popcount
+from .topk_mask import topk_mask, topk_mask_batched
 
 __version__ = "0.1.0"
 

@@ -1,18 +1,26 @@
-"""Argument validation shared by the public ops.
+"""Argument validation: one rule per argument, used by every public op.
 
 Every public op validates all of its arguments before touching any buffer, so a
-bad call raises and leaves Fisher buffers, ``.grad`` and masks unchanged.
+bad call raises and leaves Fisher buffers, ``.grad`` and masks unchanged. The rules for ``k``
+(:func:`check_k`, :func:`resolve_k`), ``scale`` (:func:`check_scale`) and the accepted dtypes
+(:data:`GRAD_DTYPES`, :data:`PARAM_DTYPES`, :data:`FISHER_DTYPES`) are written here and nowhere else.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from numbers import Integral, Real
 
 import torch
 
+#: Dtypes of gradients and scores: read by the kernels and upcast to float32.
 GRAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Dtypes of parameters (and of the ``.grad`` the masked average writes).
+PARAM_DTYPES = (*GRAD_DTYPES, torch.float64)
+#: Dtype of Fisher buffers.
+FISHER_DTYPES = (torch.float32,)
 
 
 def tensor_list(value, name: str, *, min_dim: int = 0) -> list[torch.Tensor]:
@@ -34,11 +42,21 @@ def tensor_list(value, name: str, *, min_dim: int = 0) -> list[torch.Tensor]:
     return items
 
 
-def floating(items: Sequence[torch.Tensor], name: str, dtypes=GRAD_DTYPES) -> None:
+def floating(items: Sequence[torch.Tensor], name: str, dtypes: tuple[torch.dtype, ...] = GRAD_DTYPES) -> None:
+    """TypeError naming ``name[i]`` for the first tensor whose dtype is not in ``dtypes``."""
     allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     for i, t in enumerate(items):
         if t.dtype not in dtypes:
             raise TypeError(f"{name}[{i}] has dtype {t.dtype}; expected one of {allowed}")
+
+
+def check_scale(scale, name: str = "scale") -> float:
+    """``scale`` as a float: a real number (not ``bool``: TypeError) that is finite (ValueError)."""
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{name} must be finite, got {scale!r}")
+    return float(scale)
 
 
 def same_device(a: Sequence[torch.Tensor], a_name: str, b: Sequence[torch.Tensor], b_name: str) -> None:

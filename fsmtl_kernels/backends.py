@@ -6,9 +6,10 @@ is built, and the reference otherwise. The ``backend=`` argument of every op, or
 forcing one that cannot run on the inputs' device raises :class:`BackendUnavailableError`
 instead of silently falling back.
 
-A backend is a module exposing ``fisher_accumulate``, ``topk_mask``,
-``masked_grad_average`` and ``linear_fisher`` with the signatures of
-:mod:`fsmtl_kernels.reference`, plus
+Every op has one schema, ``torch.ops.fsmtl.<op>``, defined in ``fsmtl_kernels/<op>.py``: the
+C++ kernel is registered for the CPU dispatch key and the Triton kernel for CUDA, so "cpp" and
+"triton" both run through the op (:func:`kernel`). The backend modules
+(:mod:`fsmtl_kernels.cpp`, :mod:`fsmtl_kernels.triton`) load their kernels and expose
 ``unavailable_reason(device) -> str | None``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -75,3 +77,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on ``device`` here."""
     device = torch.device(device)
     return [n for n in BACKENDS[1:] if unavailable_reason(n, device) is None]
+
+
+def kernel(op: str, backend: str, device: torch.device) -> Callable:
+    """The function that runs ``op`` for ``backend`` on ``device`` tensors, taking the arguments of
+    the op's schema ``torch.ops.fsmtl.<op>``: the reference, or the op itself, whose dispatch key
+    picks the C++ (CPU) or Triton (CUDA) kernel."""
+    impl = select(backend, device)
+    if impl is reference:
+        return getattr(reference, op)
+    if impl.__name__ == _MODULES["triton"] and device.type != "cuda":
+        # Triton under TRITON_INTERPRET=1 runs on CPU tensors, but the op's CPU dispatch key
+        # belongs to the C++ kernel (or to nothing when it is not built): call the launcher.
+        return impl.LAUNCHERS[op]
+    return getattr(torch.ops.fsmtl, op)

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from .. import backends
-from ..fisher import fisher_accumulate
+from ..fisher_accumulate import fisher_accumulate
 from .rules import Call, Rule, find_rule
 
 # A call's own ops (between its output and its input) are a handful of autograd nodes; a walk that

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fisher import fisher_accumulate, linear_fisher
+from ..fisher_accumulate import fisher_accumulate
+from ..linear_fisher import linear_fisher
 
 _HALF = (torch.float16, torch.bfloat16)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

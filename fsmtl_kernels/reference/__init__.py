@@ -1,7 +1,8 @@
 """Plain-PyTorch reference of every op: it defines the semantics the other backends match.
 
-These functions take validated arguments (see the public functions in ``fsmtl_kernels``)
-and run on any device.
+These functions take validated arguments (see the public functions in ``fsmtl_kernels``) and run
+on any device. ``fisher_accumulate``, ``topk_mask`` and ``linear_fisher`` take the arguments of
+their ``torch.ops.fsmtl`` schema; ``masked_grad_average`` takes the mask's unpacked bool tensors.
 """
 
 from .fisher_accumulate import fisher_accumulate

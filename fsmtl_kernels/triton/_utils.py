@@ -1,11 +1,13 @@
-"""Helpers shared by the Triton launchers: interpreter detection, block sizes, segment tables.
+"""Helpers shared by the Triton launchers: interpreter detection, block sizes, segment tables and
+the grouped launches over them (:func:`segment_launches`), contiguous work buffers.
 
 Every op runs over a *list* of parameters in one launch. The launcher describes the parameters
 in a small int64 "segment table" on the device, one row per non-empty parameter (data pointers,
-entry count, first global block, word offset); program ``b`` of the 1-D block grid finds its
-parameter by a binary search over the rows' first-block column (:func:`find_segment`). No
-gradient or score is copied or concatenated. Under ``TRITON_INTERPRET=1`` the table holds host
-addresses of CPU tensors, which the interpreter dereferences directly (checked by the tests).
+entry count, first block of the launch, op-specific columns such as a word offset); program
+``b`` of the 1-D block grid finds its parameter by a binary search over the rows' first-block
+column (:func:`find_segment`). No gradient or score is copied or concatenated. Under
+``TRITON_INTERPRET=1`` the table holds host addresses of CPU tensors, which the interpreter
+dereferences directly (checked by the tests).
 
 Parameters whose pointers are 16-byte aligned and whose sizes are multiples of 8 go in one
 launch compiled with alignment hints (128-bit loads), the others in a second launch without:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -120,12 +123,66 @@ def is_aligned(pointers, n: int) -> bool:
     return n % 8 == 0 and all(p % 16 == 0 for p in pointers)
 
 
-def split_by_alignment(items: list, pointers, numels) -> list[tuple[bool, list]]:
-    """``items`` split into (aligned, items) groups, position order kept inside each group."""
-    groups: dict[bool, list] = {}
-    for item, ptrs, n in zip(items, pointers, numels, strict=True):
-        groups.setdefault(is_aligned(ptrs, n), []).append(item)
-    return sorted(groups.items(), reverse=True)
+@dataclass(frozen=True)
+class Segment:
+    """One parameter of a launch: its table row is ``(*pointers, numel, first block, *extra)``.
+
+    ``group`` (e.g. the dtypes behind the pointers) separates launches that need different
+    kernel specialisations; ``pointers`` decide the alignment class.
+    """
+
+    pointers: tuple[int, ...]
+    numel: int
+    extra: tuple[int, ...] = ()
+    group: tuple = ()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch over a group of segments: its table, rows, blocks and the shared meta-parameters."""
+
+    group: tuple
+    table: torch.Tensor
+    n_segments: int
+    n_blocks: int
+    meta: dict
+
+
+def segment_launches(segments: list[Segment], block: int, device: torch.device) -> list[Launch]:
+    """The launches covering the non-empty ``segments``: one per (``group``, alignment class), in
+    order of first appearance, position order kept inside each. ``meta`` holds ``LOG_SEGMENTS``,
+    ``BLOCK``, ``ALIGNED`` and ``num_warps`` for the kernel call."""
+    groups: dict[tuple, list[Segment]] = {}
+    for seg in segments:
+        if seg.numel:
+            groups.setdefault((seg.group, is_aligned(seg.pointers, seg.numel)), []).append(seg)
+    launches = []
+    for (group, aligned), segs in groups.items():
+        starts, n_blocks = block_starts([s.numel for s in segs], block)
+        rows = [(*s.pointers, s.numel, first, *s.extra) for s, first in zip(segs, starts, strict=True)]
+        meta = {"LOG_SEGMENTS": log2_ceil(len(rows)), "BLOCK": block, "ALIGNED": aligned, "num_warps": num_warps(block)}
+        launches.append(Launch(group, segment_table(rows, device), len(rows), n_blocks, meta))
+    return launches
+
+
+def writable(tensors: list[torch.Tensor], *, keep_values: bool) -> list[torch.Tensor]:
+    """Contiguous buffers a kernel may write for ``tensors``: the tensor itself when contiguous,
+    else a contiguous copy (``keep_values``) or an uninitialised buffer (outputs that are
+    overwritten). :func:`copy_back` writes them into the originals."""
+    out = []
+    for t in tensors:
+        if t.is_contiguous():
+            out.append(t)
+        else:
+            out.append(t.contiguous() if keep_values else torch.empty(t.shape, dtype=t.dtype, device=t.device))
+    return out
+
+
+def copy_back(tensors: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    """Write the buffers of :func:`writable` back into the non-contiguous originals."""
+    for t, w in zip(tensors, work, strict=True):
+        if w is not t:
+            t.copy_(w)
 
 
 @triton.jit

@@ -48,55 +48,31 @@ def _fisher_accumulate_kernel(
     tl.store(f_ptr + offs, f + scale * acc, mask=mask)
 
 
-def fisher_accumulate_forward(fisher: list[torch.Tensor], grads: list[torch.Tensor], scale: float, per_sample: bool):
-    """Launch the kernel once per gradient dtype present and alignment class (see
-    :func:`_utils.is_aligned`): usually two launches, the aligned weights and the odd-sized rest.
+def fisher_accumulate_forward(fisher, grads, scale, per_sample) -> None:
+    """Kernel of ``torch.ops.fsmtl.fisher_accumulate`` for CUDA tensors (schema arguments).
 
-    Non-contiguous gradients are made contiguous (the kernel indexes ``[N, n]`` rows); a
-    non-contiguous Fisher buffer is updated through a contiguous copy written back afterwards.
+    One launch per gradient dtype and alignment class (:func:`_utils.segment_launches`): usually
+    two, the aligned weights and the odd-sized rest. Non-contiguous gradients are made contiguous
+    (the kernel indexes ``[N, n]`` rows); a non-contiguous Fisher buffer is updated through a
+    contiguous copy written back afterwards.
     """
-    block = _utils.block_size("fisher", max(f.numel() for f in fisher))
     n_samples = grads[0].shape[0] if per_sample else 1
-    device = fisher[0].device
-    groups: dict[tuple[torch.dtype, bool], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    for f, g in zip(fisher, grads, strict=True):
-        if f.numel() == 0 or n_samples == 0:
-            continue
-        g = g.contiguous()
-        work = f if f.is_contiguous() else f.contiguous()
-        aligned = _utils.is_aligned((work.data_ptr(), g.data_ptr()), work.numel())
-        groups.setdefault((g.dtype, aligned), []).append((f, work, g))
-    for (dtype, aligned), items in groups.items():
-        starts, total_blocks = _utils.block_starts([w.numel() for _, w, _ in items], block)
-        rows = [(w.data_ptr(), g.data_ptr(), w.numel(), s) for (_, w, g), s in zip(items, starts, strict=True)]
-        table = _utils.segment_table(rows, device)
-        _fisher_accumulate_kernel[(total_blocks,)](
-            table,
-            len(rows),
-            n_samples,
-            scale,
-            LOG_SEGMENTS=_utils.log2_ceil(len(rows)),
-            G_DTYPE=_utils.TL_DTYPES[dtype],
-            BLOCK=block,
-            ALIGNED=aligned,
-            num_warps=_utils.num_warps(block),
+    if n_samples == 0:
+        return
+    grads = [g.contiguous() for g in grads]
+    work = _utils.writable(fisher, keep_values=True)
+    segments = [
+        _utils.Segment((w.data_ptr(), g.data_ptr()), w.numel(), group=(g.dtype,))
+        for w, g in zip(work, grads, strict=True)
+    ]
+    block = _utils.block_size("fisher", max(f.numel() for f in fisher))
+    for launch in _utils.segment_launches(segments, block, fisher[0].device):
+        _fisher_accumulate_kernel[(launch.n_blocks,)](
+            launch.table, launch.n_segments, n_samples, scale, G_DTYPE=_utils.TL_DTYPES[launch.group[0]], **launch.meta
         )
-        for f, work, _ in items:
-            if work is not f:
-                f.copy_(work)
+    _utils.copy_back(fisher, work)
 
 
-@torch.library.custom_op(
-    "fsmtl_triton::fisher_accumulate",
-    mutates_args=("fisher",),
-    schema="(Tensor(a!)[] fisher, Tensor[] grads, float scale, bool per_sample) -> ()",
-)
-def fisher_accumulate_op(fisher, grads, scale, per_sample):
-    # A custom_op (opaque to torch.compile) rather than a triton_op: the launcher reads data
-    # pointers into the segment table, which fake tensors under tracing do not have.
-    fisher_accumulate_forward(fisher, grads, scale, per_sample)
-
-
-@fisher_accumulate_op.register_fake
-def _(fisher, grads, scale, per_sample):
-    return None
+# The launcher reads data pointers into the segment table, which fake tensors under tracing do
+# not have: the op is opaque to torch.compile (its fake is in fsmtl_kernels/fisher_accumulate.py).
+torch.library.register_kernel("fsmtl::fisher_accumulate", "cuda", fisher_accumulate_forward)

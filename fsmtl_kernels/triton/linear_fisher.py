@@ -9,14 +9,15 @@ the first column of tiles also sum ``g**2`` over the samples for the bias. Bytes
 operands once per tile row/column plus a read and a write of the Fisher; it is compute-bound for
 ``N`` above a few hundred.
 
-This op has no segment table, so it is a ``triton_op`` (traceable by ``torch.compile``); its
-schema is inferred from the annotations, so this module does not use postponed annotations.
+Registered as the CUDA kernel of the one ``torch.ops.fsmtl.linear_fisher`` schema (an opaque op
+under ``torch.compile``, like the other three).
 """
+
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _utils
 
@@ -74,18 +75,9 @@ def _linear_fisher_kernel(
         tl.store(b_ptrs, tl.load(b_ptrs, mask=b_mask, other=0.0) + scale * bias_acc, mask=b_mask)
 
 
-@triton_op(
-    "fsmtl_triton::linear_fisher",
-    mutates_args=("weight_fisher", "bias_fisher"),
-)
-def linear_fisher_op(
-    grad_output: torch.Tensor,
-    inputs: torch.Tensor,
-    weight_fisher: torch.Tensor,
-    bias_fisher: torch.Tensor | None,
-    scale: float,
-) -> None:
-    """Launch one kernel over the ``[out, in]`` tiles (see the module docstring)."""
+def linear_fisher_forward(grad_output, inputs, weight_fisher, bias_fisher, scale) -> None:
+    """Kernel of ``torch.ops.fsmtl.linear_fisher`` for CUDA tensors (schema arguments): one launch
+    over the ``[out, in]`` tiles (see the module docstring); any strides."""
     n_samples, n_out = grad_output.shape
     n_in = inputs.shape[1]
     if n_out == 0 or n_in == 0:
@@ -96,7 +88,7 @@ def linear_fisher_op(
     has_bias = bias_fisher is not None
     bias = bias_fisher if has_bias else weight_fisher
     grid = (triton.cdiv(n_out, block_m), triton.cdiv(n_in, block_n))
-    wrap_triton(_linear_fisher_kernel)[grid](
+    _linear_fisher_kernel[grid](
         grad_output,
         inputs,
         weight_fisher,
@@ -118,3 +110,6 @@ def linear_fisher_op(
         BLOCK_K=block_k,
         num_warps=4,
     )
+
+
+torch.library.register_kernel("fsmtl::linear_fisher", "cuda", linear_fisher_forward)

@@ -64,63 +64,38 @@ def _masked_grad_average_kernel(
     tl.store(o_ptr + offs, avg.to(O_DTYPE), mask=mask)
 
 
-def masked_grad_average_forward(
-    grads: list[torch.Tensor], words: torch.Tensor, normalize: str, out: list[torch.Tensor]
-) -> None:
-    """Write the masked average of ``grads`` (``[T, *shape_i]``) into ``out`` (``shape_i``).
+def masked_grad_average_forward(grads, words, word_offsets, normalize, out) -> None:
+    """Kernel of ``torch.ops.fsmtl.masked_grad_average`` for CUDA tensors (schema arguments):
+    the masked average of ``grads`` (``[T, *shape_i]``) into ``out`` (``shape_i``), parameter
+    ``i``'s mask bits from word ``word_offsets[i]`` of ``words`` (``[T, W]`` int32).
 
-    One launch per (gradient dtype, output dtype, alignment class), normally one or two. A non-contiguous
-    ``out`` tensor is written through a contiguous buffer and copied back.
+    One launch per (gradient dtype, output dtype, alignment class), normally one or two. A
+    non-contiguous ``out`` tensor is written through a contiguous buffer and copied back.
     """
-    block = _utils.block_size("average", max(o.numel() for o in out))
-    device = words.device
     num_tasks, n_words = words.shape
-    groups: dict[tuple[torch.dtype, torch.dtype, bool], list] = {}
-    word_off = 0
-    for g, o in zip(grads, out, strict=True):
-        n = o.numel()
-        if n:
-            work = o if o.is_contiguous() else torch.empty(o.shape, dtype=o.dtype, device=o.device)
-            g = g.contiguous()
-            aligned = _utils.is_aligned((g.data_ptr(), work.data_ptr()), n)
-            groups.setdefault((g.dtype, o.dtype, aligned), []).append((g, o, work, word_off))
-        word_off += triton.cdiv(n, 32)
     words = words.contiguous()
-    for (g_dtype, o_dtype, aligned), items in groups.items():
-        starts, total_blocks = _utils.block_starts([o.numel() for _, o, _, _ in items], block)
-        rows = [
-            (g.data_ptr(), w.data_ptr(), w.numel(), s, off) for (g, _, w, off), s in zip(items, starts, strict=True)
-        ]
-        table = _utils.segment_table(rows, device)
-        _masked_grad_average_kernel[(total_blocks,)](
-            table,
+    grads = [g.contiguous() for g in grads]
+    work = _utils.writable(out, keep_values=False)
+    segments = [
+        _utils.Segment((g.data_ptr(), w.data_ptr()), w.numel(), (offset,), (g.dtype, w.dtype))
+        for g, w, offset in zip(grads, work, word_offsets, strict=True)
+    ]
+    block = _utils.block_size("average", max(o.numel() for o in out))
+    for launch in _utils.segment_launches(segments, block, words.device):
+        g_dtype, o_dtype = launch.group
+        _masked_grad_average_kernel[(launch.n_blocks,)](
+            launch.table,
             words,
-            len(rows),
+            launch.n_segments,
             num_tasks,
             n_words,
             SELECTED=normalize == "selected",
-            LOG_SEGMENTS=_utils.log2_ceil(len(rows)),
             G_DTYPE=_utils.TL_DTYPES[g_dtype],
             O_DTYPE=_utils.TL_DTYPES[o_dtype],
-            BLOCK=block,
-            ALIGNED=aligned,
-            num_warps=_utils.num_warps(block),
+            **launch.meta,
         )
-        for _, o, work, _ in items:
-            if work is not o:
-                o.copy_(work)
+    _utils.copy_back(out, work)
 
 
-@torch.library.custom_op(
-    "fsmtl_triton::masked_grad_average",
-    mutates_args=("out",),
-    schema="(Tensor[] grads, Tensor words, str normalize, Tensor(a!)[] out) -> ()",
-)
-def masked_grad_average_op(grads, words, normalize, out):
-    # custom_op, not triton_op: the segment table holds data pointers (see fisher_accumulate.py).
-    masked_grad_average_forward(list(grads), words, normalize, list(out))
-
-
-@masked_grad_average_op.register_fake
-def _(grads, words, normalize, out):
-    return None
+# Opaque to torch.compile, as fisher_accumulate (data pointers in the segment table).
+torch.library.register_kernel("fsmtl::masked_grad_average", "cuda", masked_grad_average_forward)

@@ -38,8 +38,9 @@ from . import _utils
 #: (shift, bits) of each radix pass, most significant digit first.
 DIGITS = ((21, 11), (10, 11), (0, 10))
 MAX_BINS = tl.constexpr(1 << max(bits for _, bits in DIGITS))
-#: Columns of the segment table: scores pointer ([T, n] contiguous), n, first block in this
-#: launch, word offset of the parameter's mask, first block in position order over all parameters.
+#: Columns of the segment table (:class:`_utils.Segment`): scores pointer ([T, n] contiguous), n,
+#: first block in this launch, word offset of the parameter's mask, first block in position order
+#: over all parameters.
 COLUMNS = tl.constexpr(5)
 
 
@@ -191,8 +192,10 @@ def _mask_write_kernel(
     tl.store(words_ptr + task * n_words + word_off + widx, words, mask=widx < (n + 31) // 32)
 
 
-def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor:
-    """Packed masks ``[T, W]`` int32 of the ``ks[t]`` largest scores of each task.
+def topk_mask_forward(scores, ks, word_offsets, n_words) -> torch.Tensor:
+    """Kernel of ``torch.ops.fsmtl.topk_mask`` for CUDA tensors (schema arguments): packed masks
+    ``[T, n_words]`` int32 of the ``ks[t]`` largest scores of each task, parameter ``i``'s bits
+    from word ``word_offsets[i]`` on.
 
     ``scores``: contiguous float32 ``[T, *shape_i]`` (the public function makes them so).
     Parameters are launched in (at most) two groups, those allowing 128-bit loads and the
@@ -200,60 +203,49 @@ def topk_mask_forward(scores: list[torch.Tensor], ks: list[int]) -> torch.Tensor
     """
     device = scores[0].device
     num_tasks = scores[0].shape[0]
-    numels = [math.prod(s.shape[1:]) for s in scores]
-    word_counts = [triton.cdiv(n, 32) for n in numels]
-    n_words = sum(word_counts)
-    words = torch.empty(num_tasks, n_words, dtype=torch.int32, device=device)
+    words = torch.zeros(num_tasks, n_words, dtype=torch.int32, device=device)
     if num_tasks == 0 or n_words == 0:
         return words
+    scores = [s.contiguous() for s in scores]
+    numels = [math.prod(s.shape[1:]) for s in scores]
     block = _utils.block_size("topk", max(numels))
-    warps = _utils.num_warps(block)
-    live, word_off = [], 0
-    for s, n, w in zip(scores, numels, word_counts, strict=True):
-        if n:
-            live.append((s.contiguous(), n, word_off))
-        word_off += w
-    global_starts, total_blocks = _utils.block_starts([n for _, n, _ in live], block)
-    items = [(s, n, off, first) for (s, n, off), first in zip(live, global_starts, strict=True)]
-    launches = []
-    for aligned, group in _utils.split_by_alignment(
-        items, [(s.data_ptr(),) for s, *_ in items], [n for _, n, *_ in items]
-    ):
-        local_starts, n_blocks = _utils.block_starts([n for _, n, _, _ in group], block)
-        rows = [
-            (s.data_ptr(), n, local, off, first) for (s, n, off, first), local in zip(group, local_starts, strict=True)
-        ]
-        meta = {"LOG_SEGMENTS": _utils.log2_ceil(len(rows)), "BLOCK": block, "ALIGNED": aligned, "num_warps": warps}
-        launches.append((_utils.segment_table(rows, device), len(rows), n_blocks, meta))
+    global_starts, total_blocks = _utils.block_starts(numels, block)
+    segments = [
+        _utils.Segment((s.data_ptr(),), n, (offset, first))
+        for s, n, offset, first in zip(scores, numels, word_offsets, global_starts, strict=True)
+    ]
+    launches = _utils.segment_launches(segments, block, device)
 
     state = torch.tensor([[0, k, 0] for k in ks], dtype=torch.int64, device=device)
     hist = torch.zeros(len(DIGITS), num_tasks, MAX_BINS.value, dtype=torch.int64, device=device)
     for i, (shift, bits) in enumerate(DIGITS):
-        for table, n_segments, n_blocks, meta in launches:
-            programs = _utils.persistent_programs(device, n_blocks)
+        for launch in launches:
+            programs = _utils.persistent_programs(device, launch.n_blocks)
             _radix_histogram_kernel[(programs, num_tasks)](
-                table, state, hist[i], n_segments, n_blocks, SHIFT=shift, BITS=bits, FILTER=i > 0, **meta
+                launch.table,
+                state,
+                hist[i],
+                launch.n_segments,
+                launch.n_blocks,
+                SHIFT=shift,
+                BITS=bits,
+                FILTER=i > 0,
+                **launch.meta,
             )
         _radix_select_kernel[(num_tasks,)](state, hist[i], SHIFT=shift, BITS=bits)
 
     counts = torch.empty(num_tasks, total_blocks, dtype=torch.int32, device=device)
-    for table, n_segments, n_blocks, meta in launches:
-        _tie_count_kernel[(n_blocks, num_tasks)](table, state, counts, n_segments, total_blocks, **meta)
+    for launch in launches:
+        _tie_count_kernel[(launch.n_blocks, num_tasks)](
+            launch.table, state, counts, launch.n_segments, total_blocks, **launch.meta
+        )
     tie_prefix = torch.cumsum(counts, dim=1, dtype=torch.int64)
-    for table, n_segments, n_blocks, meta in launches:
-        _mask_write_kernel[(n_blocks, num_tasks)](
-            table, state, tie_prefix, words, n_segments, total_blocks, n_words, **meta
+    for launch in launches:
+        _mask_write_kernel[(launch.n_blocks, num_tasks)](
+            launch.table, state, tie_prefix, words, launch.n_segments, total_blocks, n_words, **launch.meta
         )
     return words
 
 
-@torch.library.custom_op("fsmtl_triton::topk_mask", mutates_args=(), schema="(Tensor[] scores, int[] ks) -> Tensor")
-def topk_mask_op(scores, ks):
-    # custom_op, not triton_op: the segment table holds data pointers (see fisher_accumulate.py).
-    return topk_mask_forward(list(scores), list(ks))
-
-
-@topk_mask_op.register_fake
-def _(scores, ks):
-    n_words = sum(triton.cdiv(math.prod(s.shape[1:]), 32) for s in scores)
-    return scores[0].new_empty((scores[0].shape[0], n_words), dtype=torch.int32)
+# Opaque to torch.compile, as fisher_accumulate (data pointers in the segment table).
+torch.library.register_kernel("fsmtl::topk_mask", "cuda", topk_mask_forward)

@@ -1,4 +1,10 @@
-"""Top-K selection over all entries of a list of score tensors, one task or a batch of tasks."""
+"""``topk_mask`` / ``topk_mask_batched``: exact top-K over all entries of a list of score tensors.
+
+The op ``torch.ops.fsmtl.topk_mask`` is defined here once; its kernels are
+:func:`fsmtl_kernels.reference.topk_mask` (the semantics), ``csrc/topk_mask.cpp`` (CPU) and
+:mod:`fsmtl_kernels.triton.topk_mask` (CUDA). The kernels write the mask in the word layout that
+:func:`fsmtl_kernels.packed_mask.word_layout` gives them; none derives it itself.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,14 @@ from collections.abc import Sequence
 import torch
 
 from . import _checks, backends
-from .mask import PackedMask
+from .packed_mask import PackedMask, word_layout
 
-SCORE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+torch.library.define("fsmtl::topk_mask", "(Tensor[] scores, int[] ks, int[] word_offsets, int n_words) -> Tensor")
+
+
+@torch.library.register_fake("fsmtl::topk_mask")
+def _(scores, ks, word_offsets, n_words):
+    return scores[0].new_empty((scores[0].shape[0], n_words), dtype=torch.int32)
 
 
 def topk_mask(scores: Sequence[torch.Tensor], k: int | float, *, backend: str = "auto") -> PackedMask:
@@ -45,14 +56,16 @@ def topk_mask_batched(scores: Sequence[torch.Tensor], k, *, backend: str = "auto
         :class:`PackedMask` with T tasks, ``k_t`` ones in row ``t``.
     """
     items = _checks.tensor_list(scores, "scores", min_dim=1)
-    _checks.floating(items, "scores", SCORE_DTYPES)
+    _checks.floating(items, "scores")
     num_tasks = items[0].shape[0]
     for i, s in enumerate(items):
         if s.shape[0] != num_tasks:
             raise ValueError(f"scores[{i}] has {s.shape[0]} tasks but scores[0] has {num_tasks}")
-    total = sum(s[0].numel() for s in items)
-    ks = _checks.resolve_ks(k, num_tasks, total)
+    shapes = tuple(s.shape[1:] for s in items)
+    numels = [s.numel() for s in shapes]
+    ks = _checks.resolve_ks(k, num_tasks, sum(numels))
     _checks.no_nan(items, "scores")
-    impl = backends.select(backend, items[0].device)
-    words = impl.topk_mask([s.float().contiguous() for s in items], ks)
-    return PackedMask(words, tuple(s.shape[1:] for s in items))
+    word_offsets, n_words = word_layout(numels)
+    run = backends.kernel("topk_mask", backend, items[0].device)
+    words = run([s.float().contiguous() for s in items], ks, word_offsets, n_words)
+    return PackedMask(words, shapes)

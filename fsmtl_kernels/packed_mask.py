@@ -9,12 +9,15 @@ Layout (every backend reads and writes exactly this):
 * Flat entry ``j`` of parameter ``i`` (row-major ``reshape(-1)`` order) is bit ``j % 32``
   (bit 0 = least significant, little-endian) of word ``word_offsets[i] + j // 32``.
 * Padding bits past ``n_i`` are 0.
+
+:func:`word_layout` is the one place that derives this layout. A :class:`PackedMask` computes
+its ``word_offsets`` once, at construction, and hands them to every backend; a kernel that
+*produces* a mask (top-K) gets them from :func:`word_layout` through its public function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -25,7 +28,7 @@ _BIT_VALUES = (torch.ones(BITS, dtype=torch.int64) << torch.arange(BITS)).to(tor
 
 
 def word_layout(numels: Sequence[int]) -> tuple[list[int], int]:
-    """Word offset of each parameter and the total number of words per task."""
+    """Word offset of each parameter (``n_i`` entries) and the total number of words per task."""
     offsets, total = [], 0
     for n in numels:
         offsets.append(total)
@@ -52,27 +55,34 @@ def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :n].bool()
 
 
-@dataclass(eq=False)
 class PackedMask:
     """Binary masks of ``T`` tasks over the entries of a list of parameters, 1 bit per entry.
 
     Attributes:
         words: int32 ``[T, W]`` on the parameters' device, in the layout described in this module.
         shapes: the shape of each parameter, in parameter order.
+        word_offsets: the first word of each parameter (:func:`word_layout`), computed once here.
     """
 
-    words: torch.Tensor
-    shapes: tuple[torch.Size, ...]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.words, torch.Tensor) or self.words.dtype != torch.int32 or self.words.dim() != 2:
+    def __init__(self, words: torch.Tensor, shapes) -> None:
+        if not isinstance(words, torch.Tensor) or words.dtype != torch.int32 or words.dim() != 2:
             raise TypeError("words must be an int32 tensor of shape [T, W]")
-        self.shapes = tuple(torch.Size(s) for s in self.shapes)
+        self.words = words
+        self.shapes = tuple(torch.Size(s) for s in shapes)
         if not self.shapes:
             raise ValueError("shapes must not be empty")
-        _, total = word_layout(self.numels)
-        if self.words.shape[1] != total:
-            raise ValueError(f"words has {self.words.shape[1]} words per task but shapes need {total}")
+        offsets, total = word_layout(self.numels)
+        if words.shape[1] != total:
+            raise ValueError(f"words has {words.shape[1]} words per task but shapes need {total}")
+        self._word_offsets = tuple(offsets)
+        self._bool_stacked: list[torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        # Only what defines the mask is saved; offsets and unpacked masks are rebuilt on load.
+        return {"words": self.words, "shapes": self.shapes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["words"], state["shapes"])
 
     @property
     def numels(self) -> list[int]:
@@ -80,7 +90,8 @@ class PackedMask:
 
     @property
     def word_offsets(self) -> list[int]:
-        return word_layout(self.numels)[0]
+        """The first word of each parameter in ``words`` (computed once, at construction)."""
+        return list(self._word_offsets)
 
     @property
     def num_tasks(self) -> int:
@@ -115,20 +126,29 @@ class PackedMask:
         return cls(words, tuple(m.shape[1:] for m in items))
 
     def to_bool_stacked(self) -> list[torch.Tensor]:
-        """Bool tensors ``[T, *shape_i]``, one per parameter."""
-        out = []
-        for offset, shape in zip(self.word_offsets, self.shapes):
-            n = shape.numel()
-            seg = self.words[:, offset : offset + -(-n // BITS)]
-            out.append(unpack_bits(seg, n).reshape(self.num_tasks, *shape))
-        return out
+        """Bool tensors ``[T, *shape_i]``, one per parameter, on the mask's device.
 
-    def to_bool(self, task: int = 0) -> list[torch.Tensor]:
-        """Task ``task``'s mask as bool tensors shaped like the parameters."""
+        Unpacked on the first call and cached: later calls return the same tensors (a new list),
+        so per-step users (the reference masked average, forward masks) unpack once per mask.
+        The tensors are shared by every caller and must not be modified; ``clone()`` them first.
+        """
+        if self._bool_stacked is None:
+            self._bool_stacked = [
+                unpack_bits(self.words[:, offset : offset + -(-n // BITS)], n).reshape(self.num_tasks, *shape)
+                for offset, n, shape in zip(self._word_offsets, self.numels, self.shapes)
+            ]
+        return list(self._bool_stacked)
+
+    def _check_task(self, task: int) -> None:
         if isinstance(task, bool) or not isinstance(task, int):
             raise TypeError(f"task must be an int, got {type(task).__name__}")
         if not -self.num_tasks <= task < self.num_tasks:
             raise ValueError(f"task={task} is out of range for {self.num_tasks} task(s)")
+
+    def to_bool(self, task: int = 0) -> list[torch.Tensor]:
+        """Task ``task``'s mask as bool tensors shaped like the parameters (views of the cache of
+        :meth:`to_bool_stacked`: do not modify them)."""
+        self._check_task(task)
         return [m[task] for m in self.to_bool_stacked()]
 
     def count(self) -> torch.Tensor:
@@ -145,7 +165,7 @@ class PackedMask:
 
     def task(self, t: int) -> PackedMask:
         """The mask of task ``t`` alone (T = 1)."""
-        self.to_bool(t)  # validates t
+        self._check_task(t)
         return PackedMask(self.words[t : t + 1].clone(), self.shapes)
 
     def to(self, device) -> PackedMask:
@@ -188,4 +208,5 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
     return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
-torch.serialization.add_safe_globals([PackedMask])
+# Masks pickled whole before the module was renamed from ``mask`` load under weights_only too.
+torch.serialization.add_safe_globals([PackedMask, (PackedMask, "fsmtl_kernels.mask.PackedMask")])
