@@ -4,6 +4,7 @@ records, and its name in the tuple at the bottom (or :func:`register_method` fro
 
 from __future__ import annotations
 
+from .balancing import gradnorm, mgda_ub, rlw
 from .method import Method
 from .sparse import fisher, random
 from .weighting import equal, jacobian
@@ -29,6 +30,6 @@ def get_method(name: str) -> Method:
 
 
 # Table order: dense baselines, sparse methods, then the gradient-balancing peers.
-for _module in (equal, random, fisher, jacobian):
+for _module in (equal, random, fisher, jacobian, gradnorm, mgda_ub, rlw):
     for _method in _module.METHODS:
         register_method(_method)
