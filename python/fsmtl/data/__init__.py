@@ -1,7 +1,7 @@
 """Multi-task benchmarks: embedded ones that need no download, and loaders for the paper's data sets.
 
 Every benchmark is an entry of :data:`BENCHMARKS`, built by :func:`load_benchmark`: embedded ones
-(``digits-attributes``, ``digits-dkl``, ``synthetic``) and the paper's data from local files
+(``digits-attributes``, ``digits-dkl``, ``synthetic``, ``shapes``) and the paper's data from local files
 (``dkl-mnist``: :func:`dkl_mnist` over :func:`read_idx` files; ``celeba``: :func:`celeba`, an
 attribute file plus images; ``cityscapes``: :func:`cityscapes`, MTAN/LibMTL ``.npy`` arrays).
 """
@@ -12,12 +12,15 @@ from .cityscapes import cityscapes
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
 from .idx import dkl_mnist, read_idx
 from .registry import BENCHMARKS, BenchmarkEntry, load_benchmark
+from .shapes import TASK_NAMES as SHAPES_TASKS
+from .shapes import render_scenes, shapes
 from .synthetic import synthetic
 
 __all__ = [
     "ATTRIBUTES",
     "BENCHMARKS",
     "POSITIVE_RATES",
+    "SHAPES_TASKS",
     "TASK_KINDS",
     "Benchmark",
     "BenchmarkEntry",
@@ -32,5 +35,7 @@ __all__ = [
     "read_attributes",
     "read_idx",
     "read_partition",
+    "render_scenes",
+    "shapes",
     "synthetic",
 ]

@@ -13,6 +13,7 @@ from .celeba import celeba
 from .cityscapes import cityscapes
 from .digits import digits_attributes, digits_dkl
 from .idx import dkl_mnist
+from .shapes import shapes
 from .synthetic import synthetic
 
 
@@ -60,6 +61,11 @@ BENCHMARKS: dict[str, BenchmarkEntry] = {
         synthetic,
         "synthetic regression or binary tasks with a relatedness knob in [0, 1] (low = negative transfer); "
         "options: n_tasks, n_samples, n_features, relatedness, noise, task_kind, homogeneous",
+    ),
+    "shapes": BenchmarkEntry(
+        shapes,
+        "homogeneous, 10 binary attribute tasks over procedural 32x32 (or 64x64) RGB scenes of one to three shapes "
+        "(has_circle, has_warm, many, big, striped, ...); options: n_train, n_val, n_test, image_size, relatedness",
     ),
     "dkl-mnist": BenchmarkEntry(
         dkl_mnist,
