@@ -81,7 +81,15 @@ def test_containers_reject_inconsistent_data():
 
 
 def test_registry():
-    assert list(BENCHMARKS) == ["digits-attributes", "digits-dkl", "synthetic", "dkl-mnist", "celeba", "cityscapes"]
+    assert list(BENCHMARKS) == [
+        "digits-attributes",
+        "digits-dkl",
+        "synthetic",
+        "shapes",
+        "dkl-mnist",
+        "celeba",
+        "cityscapes",
+    ]
     assert [n for n, e in BENCHMARKS.items() if e.local_files] == ["dkl-mnist", "celeba", "cityscapes"]
     assert BENCHMARKS["celeba"].required == ["attr_file", "image_dir", "attributes"]
     assert BENCHMARKS["synthetic"].required == []
