@@ -1,5 +1,7 @@
 """pytest-benchmark: the C++ CPU backend against its peers, side by side, one group per case.
 
+Tests and groups carry the op's name (``test_topk_mask``, group ``topk_mask-P1e6-k10``, ...).
+
 The cases, peers and floors are those of ``cpu_table.py`` (which prints one Markdown table and
 writes JSON). Every group checks ours against the reference before timing; the floor is a
 ``clone()`` of the bytes the op must move.
@@ -7,7 +9,7 @@ writes JSON). Every group checks ours against the reference before timing; the f
 Run (2 threads)::
 
     OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_cpu.py --benchmark-group-by=group
-    OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_cpu.py -k "1e6" --benchmark-group-by=group
+    OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_cpu.py -k "topk_mask and 1e6" --benchmark-group-by=group
 
 Performance is measured here, never asserted.
 """
@@ -92,7 +94,7 @@ TOPK_IMPLS = [
 @pytest.mark.parametrize("impl", [*TOPK_IMPLS, FLOOR, COPY])
 @pytest.mark.parametrize("ratio", RATIOS, ids=[f"k{int(r * 100)}" for r in RATIOS])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_topk(benchmark, scores_by_size, size, ratio, impl):
+def test_topk_mask(benchmark, scores_by_size, size, ratio, impl):
     scores = scores_by_size(size)
     total = SIZES[size]
     k = fk.resolve_k(ratio, total)
@@ -105,7 +107,7 @@ def test_topk(benchmark, scores_by_size, size, ratio, impl):
             assert mask.count().tolist() == [k]
             if total <= 10_000_000:
                 assert mask == fk.topk_mask(scores, k, backend="reference")
-    _run(benchmark, f"topk-P{size}-k{int(ratio * 100)}", size, impl, fn, 4 * total + total // 8)
+    _run(benchmark, f"topk_mask-P{size}-k{int(ratio * 100)}", size, impl, fn, 4 * total + total // 8)
 
 
 FISHER_CASES = [("per-sample", torch.float32), ("per-sample", torch.float16), ("batch", torch.float32)]
@@ -114,7 +116,7 @@ FISHER_CASES = [("per-sample", torch.float32), ("per-sample", torch.float16), ("
 @pytest.mark.parametrize("impl", ["ours", "eager loop", "torch.compile loop", "torch._foreach_addcmul_", FLOOR, COPY])
 @pytest.mark.parametrize("mode,dtype", FISHER_CASES, ids=["ps-fp32", "ps-fp16", "batch-fp32"])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_fisher(benchmark, size, mode, dtype, impl):
+def test_fisher_accumulate(benchmark, size, mode, dtype, impl):
     n = PER_SAMPLE_N[size] if mode == "per-sample" else None
     impls, nbytes = fisher_peers(split_sizes(SIZES[size]), n, dtype)
     if impl in FLOORS:
@@ -132,16 +134,16 @@ def test_fisher(benchmark, size, mode, dtype, impl):
         fk.fisher_accumulate(ref, grads, backend="reference")
         for a, b in zip(ours, ref, strict=True):
             torch.testing.assert_close(a, b)
-    _run(benchmark, f"fisher-{mode}-{str(dtype)[6:]}-P{size}", size, impl, fn, nbytes, dtype)
+    _run(benchmark, f"fisher_accumulate-{mode}-{str(dtype)[6:]}-P{size}", size, impl, fn, nbytes, dtype)
 
 
 @pytest.mark.parametrize("impl", ["ours", "python loop", FLOOR, COPY])
 @pytest.mark.parametrize("num_tasks", TASKS, ids=[f"T{t}" for t in TASKS])
 @pytest.mark.parametrize("size", list(SIZES))
-def test_average(benchmark, size, num_tasks, impl):
+def test_masked_grad_average(benchmark, size, num_tasks, impl):
     impls, nbytes = average_peers(split_sizes(SIZES[size]), num_tasks)
     fn = FLOORS[impl](nbytes // 2) if impl in FLOORS else impls[impl]
     if impl == "ours" and SIZES[size] <= 1_000_000:
         for a, b in zip(impls["ours"](), impls["python loop"](), strict=True):
             torch.testing.assert_close(a, b)
-    _run(benchmark, f"average-T{num_tasks}-P{size}", size, impl, fn, nbytes)
+    _run(benchmark, f"masked_grad_average-T{num_tasks}-P{size}", size, impl, fn, nbytes)

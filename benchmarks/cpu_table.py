@@ -2,15 +2,17 @@
 
 Cases (float32 scores/gradients split over 20 parameter tensors of mixed sizes, P entries in all):
 
-* ``topk``: ``fk.topk_mask(scores, k)`` (threshold + packed mask with exactly k ones) against
+Sections are named by op (``--ops``):
+
+* ``topk_mask``: ``fk.topk_mask(scores, k)`` (threshold + packed mask with exactly k ones) against
   ``torch.topk(torch.cat(scores), k)`` (sorted, the default, and ``sorted=False``),
   ``torch.kthvalue``, ``torch.sort`` and ``numpy.partition`` of the concatenated scores,
   for k = 10%, 50%, 90%. The peers get the concatenation included, as a user would need it; none
   of them builds a mask.
-* ``fisher``: ``fk.fisher_accumulate`` on per-sample gradients ``[N, *shape]`` (fp32 and fp16)
+* ``fisher_accumulate``: ``fk.fisher_accumulate`` on per-sample gradients ``[N, *shape]`` (fp32 and fp16)
   against the eager loop ``f.add_(g.float().square().sum(0))`` and ``torch.compile`` of it, and on
   batch gradients against the eager loop and ``torch._foreach_addcmul_``.
-* ``average``: ``fk.masked_grad_average`` for T = 3 and 8 against the Python loop over tasks and
+* ``masked_grad_average``: ``fk.masked_grad_average`` for T = 3 and 8 against the Python loop over tasks and
   parameters (given unpacked bool masks).
 * ``floor``: ``clone()`` of the bytes the op must move: the scores for top-K (as in the issue),
   half of (bytes read + bytes written) for the others, so that the clone moves as many bytes.
@@ -40,8 +42,8 @@ import numpy as np
 import torch
 
 import fsmtl_kernels as fk
-from fsmtl_kernels import backends, cpp
-from fsmtl_kernels.mask import PackedMask
+from fsmtl_kernels import backends
+from fsmtl_kernels.packed_mask import PackedMask, word_layout
 
 SIZES = {"1e6": 1_000_000, "1e7": 10_000_000, "5e7": 50_000_000}
 RATIOS = (0.1, 0.5, 0.9)
@@ -89,10 +91,11 @@ def copy_floor_fn(nbytes: int) -> Callable[[], object]:
 def topk_peers(scores: list[torch.Tensor], k: int) -> dict[str, Callable[[], object]]:
     total = sum(s.numel() for s in scores)
     rows = [s.unsqueeze(0) for s in scores]
+    offsets, n_words = word_layout([s.numel() for s in scores])
     return {
         "ours": lambda: fk.topk_mask(scores, k, backend="cpp"),
         # the kernel alone, without the public function's validation (its NaN scan reads the scores once more)
-        "ours (kernel only)": lambda: cpp.topk_mask(rows, [k]),
+        "ours (kernel only)": lambda: torch.ops.fsmtl.topk_mask(rows, [k], offsets, n_words),
         "torch.topk (sorted)": lambda: torch.topk(torch.cat(scores), k),
         "torch.topk (unsorted)": lambda: torch.topk(torch.cat(scores), k, sorted=False),
         "torch.kthvalue": lambda: torch.kthvalue(torch.cat(scores), total - k + 1),
@@ -208,25 +211,25 @@ def collect(sizes: list[str], ops: list[str]) -> list[dict]:
     for size in sizes:
         total = SIZES[size]
         parts = split_sizes(total)
-        if "topk" in ops:
+        if "topk_mask" in ops:
             scores = make_scores(total)
             for ratio in RATIOS:
                 k = fk.resolve_k(ratio, total)
-                run_group(rows, "topk", f"k={ratio:.0%}", size, topk_peers(scores, k), 4 * total)
+                run_group(rows, "topk_mask", f"k={ratio:.0%}", size, topk_peers(scores, k), 4 * total)
             del scores
-        if "fisher" in ops:
+        if "fisher_accumulate" in ops:
             n = PER_SAMPLE_N[size]
             for dtype in (torch.float32, torch.float16):
                 impls, nbytes = fisher_peers(parts, n, dtype)
-                run_group(rows, "fisher", f"per-sample N={n} {str(dtype)[6:]}", size, impls, nbytes // 2)
+                run_group(rows, "fisher_accumulate", f"per-sample N={n} {str(dtype)[6:]}", size, impls, nbytes // 2)
                 del impls
             impls, nbytes = fisher_peers(parts, None, torch.float32)
-            run_group(rows, "fisher", "batch float32", size, impls, nbytes // 2)
+            run_group(rows, "fisher_accumulate", "batch float32", size, impls, nbytes // 2)
             del impls
-        if "average" in ops:
+        if "masked_grad_average" in ops:
             for num_tasks in TASKS:
                 impls, nbytes = average_peers(parts, num_tasks)
-                run_group(rows, "average", f"T={num_tasks}", size, impls, nbytes // 2)
+                run_group(rows, "masked_grad_average", f"T={num_tasks}", size, impls, nbytes // 2)
                 del impls
     return rows
 
@@ -266,7 +269,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    ops = ["topk", "fisher", "average"]
+    ops = ["topk_mask", "fisher_accumulate", "masked_grad_average"]
     parser.add_argument("--ops", nargs="+", default=ops, choices=ops)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/cpu-<date>.json)")

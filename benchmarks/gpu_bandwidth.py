@@ -80,44 +80,45 @@ def row(name: str, p: int, ms: float, n_bytes: int | None, peers: dict[str, floa
     return out
 
 
-def bench_fisher(p: int, device, repeats: int, dtype: torch.dtype) -> dict:
+def bench_fisher_accumulate(p: int, device, repeats: int, dtype: torch.dtype) -> dict:
     from fsmtl_kernels import reference
-    from fsmtl_kernels import triton as tb
 
     sizes = split_sizes(p)
     grads = [torch.randn(n, device=device, dtype=dtype) for n in sizes]
     fisher = [torch.zeros(n, device=device) for n in sizes]
-    ms = median_ms(lambda: tb.fisher_accumulate(fisher, grads, 1.0, False), repeats)
+    ms = median_ms(lambda: torch.ops.fsmtl.fisher_accumulate(fisher, grads, 1.0, False), repeats)
     eager = median_ms(lambda: reference.fisher_accumulate(fisher, grads, 1.0, False), repeats)
     n_bytes = p * (torch.finfo(dtype).bits // 8) + 8 * p  # read g, read + write F
     return row(f"fisher_accumulate[{str(dtype)[6:]}]", p, ms, n_bytes, {"eager_loop": eager}, device, repeats)
 
 
-def bench_average(p: int, tasks: int, device, repeats: int, dtype: torch.dtype) -> dict:
+def bench_masked_grad_average(p: int, tasks: int, device, repeats: int, dtype: torch.dtype) -> dict:
     import fsmtl_kernels as fk
     from fsmtl_kernels import reference
-    from fsmtl_kernels import triton as tb
 
     sizes = split_sizes(p)
     grads = [torch.randn(tasks, n, device=device, dtype=dtype) for n in sizes]
     mask = fk.PackedMask.from_bool_stacked([torch.rand(tasks, n, device=device) < 0.3 for n in sizes])
     out = [torch.empty(n, device=device, dtype=dtype) for n in sizes]
-    ms = median_ms(lambda: tb.masked_grad_average(grads, mask, "tasks", out), repeats)
-    eager = median_ms(lambda: reference.masked_grad_average(grads, mask, "tasks", out), repeats)
+    ms = median_ms(
+        lambda: torch.ops.fsmtl.masked_grad_average(grads, mask.words, mask.word_offsets, "tasks", out), repeats
+    )
+    eager = median_ms(lambda: reference.masked_grad_average(grads, mask.to_bool_stacked(), "tasks", out), repeats)
     item = torch.finfo(dtype).bits // 8
     n_bytes = tasks * p * item + tasks * mask.words.shape[1] * 4 + p * item
     name = f"masked_grad_average[T={tasks},{str(dtype)[6:]}]"
     return row(name, p, ms, n_bytes, {"eager_loop": eager}, device, repeats)
 
 
-def bench_topk(p: int, ratio: float, device, repeats: int) -> dict:
+def bench_topk_mask(p: int, ratio: float, device, repeats: int) -> dict:
     from fsmtl_kernels import reference
-    from fsmtl_kernels import triton as tb
+    from fsmtl_kernels.packed_mask import word_layout
 
     sizes = split_sizes(p)
+    layout = word_layout(sizes)
     scores = [torch.rand(1, n, device=device) for n in sizes]
     k = int(ratio * p + 0.5)
-    ms = median_ms(lambda: tb.topk_mask(scores, [k]), max(3, repeats // 2))
+    ms = median_ms(lambda: torch.ops.fsmtl.topk_mask(scores, [k], *layout), max(3, repeats // 2))
     flat = torch.cat([s.reshape(-1) for s in scores])
     one_read = median_ms(lambda: torch.amax(flat), repeats)
     peers = {
@@ -125,7 +126,7 @@ def bench_topk(p: int, ratio: float, device, repeats: int) -> dict:
         "torch_kthvalue_cat": median_ms(
             lambda: torch.kthvalue(torch.cat([s.reshape(-1) for s in scores]), p - k + 1), 3, warmup=1
         ),
-        "eager_loop": median_ms(lambda: reference.topk_mask(scores, [k]), 3, warmup=1),
+        "eager_loop": median_ms(lambda: reference.topk_mask(scores, [k], *layout), 3, warmup=1),
     }
     out = row(f"topk_mask[k={ratio:.0%}]", p, ms, None, peers, device, repeats)
     out["one_read_ms"] = round(one_read, 4)
@@ -133,13 +134,12 @@ def bench_topk(p: int, ratio: float, device, repeats: int) -> dict:
     return out
 
 
-def bench_linear(device, repeats: int, n: int = 4096, n_out: int = 4096, n_in: int = 4096) -> dict:
+def bench_linear_fisher(device, repeats: int, n: int = 4096, n_out: int = 4096, n_in: int = 4096) -> dict:
     from fsmtl_kernels import reference
-    from fsmtl_kernels import triton as tb
 
     g, a = torch.randn(n, n_out, device=device), torch.randn(n, n_in, device=device)
     wf, bf = torch.zeros(n_out, n_in, device=device), torch.zeros(n_out, device=device)
-    ms = median_ms(lambda: tb.linear_fisher(g, a, wf, bf, 1.0), repeats)
+    ms = median_ms(lambda: torch.ops.fsmtl.linear_fisher(g, a, wf, bf, 1.0), repeats)
     eager = median_ms(lambda: reference.linear_fisher(g, a, wf, bf, 1.0), repeats)
     out = row(f"linear_fisher[{n}x{n_out}x{n_in}]", n_out * n_in, ms, None, {"eager_loop": eager}, device, repeats)
     out["tflops"] = round(2 * n * n_out * n_in / ms / 1e9, 2)
@@ -172,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for p in (int(s) for s in args.sizes):
-        rows.append(bench_fisher(p, device, args.repeats, torch.float32))
-        rows.append(bench_fisher(p, device, args.repeats, torch.float16))
-        rows.append(bench_average(p, args.tasks, device, args.repeats, torch.float32))
+        rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float32))
+        rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float16))
+        rows.append(bench_masked_grad_average(p, args.tasks, device, args.repeats, torch.float32))
         for ratio in (0.1, 0.5, 0.9):
-            rows.append(bench_topk(p, ratio, device, args.repeats))
+            rows.append(bench_topk_mask(p, ratio, device, args.repeats))
         torch.cuda.empty_cache()
-    rows.append(bench_linear(device, args.repeats))
+    rows.append(bench_linear_fisher(device, args.repeats))
 
     keys = ["kernel", "P", "ms", "gbps", "copy_gbps", "ratio_to_copy", "ratio_to_one_read"]
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
