@@ -52,7 +52,7 @@ def masked_multitask_backward(
     mask: fk.PackedMask | None,
     *,
     dense_params: Sequence[torch.Tensor] = (),
-    head_params: Sequence[torch.Tensor] = (),
+    head_params: Sequence[torch.Tensor] | None = None,
     normalize: str = "tasks",
     batched: bool = True,
 ) -> None:
@@ -63,10 +63,21 @@ def masked_multitask_backward(
     plain task average; ``head_params`` get the gradient of ``sum_t L_t`` (each head only sees
     its own task). ``mask=None`` means every task holds every entry (dense MTL).
     Existing ``.grad`` of the masked and dense parameters is overwritten, heads accumulate.
+    ``head_params`` is required: forgetting it would silently leave the heads untrained; pass
+    ``head_params=()`` when the heads get their gradient elsewhere.
     """
+    if head_params is None:
+        raise TypeError(
+            "masked_multitask_backward needs head_params (e.g. model.head_parameters()); "
+            "pass head_params=() if the heads get their gradient elsewhere"
+        )
     losses = list(losses)
     if not losses:
         raise ValueError("losses must not be empty")
+    for t, loss in enumerate(losses):
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = getattr(loss, "shape", type(loss).__name__)
+            raise ValueError(f"losses[{t}] must be a scalar tensor (one loss per task), got {got}")
     if mask is not None and mask.num_tasks != len(losses):
         raise ValueError(f"mask has {mask.num_tasks} tasks but there are {len(losses)} losses")
     shared = list(masked_params) + list(dense_params)

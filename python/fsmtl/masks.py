@@ -8,6 +8,7 @@ import torch
 
 import fsmtl_kernels as fk
 
+from .checks import check_batch
 from .data import Task
 from .estimators import task_scores
 from .model import MultiTaskModel
@@ -38,6 +39,14 @@ def compute_masks(
         raise ValueError(
             f"tasks ({len(tasks)}) and batches ({len(batches)}) must have one entry per head ({model.num_tasks})"
         )
+    fk.check_k(keep_ratio, "keep_ratio")
+    if keep_ratio <= 0:
+        raise ValueError(f"keep_ratio must be > 0, got {keep_ratio!r}")
+    for t, (task, batch) in enumerate(zip(tasks, batches)):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise TypeError(f"compute_masks: batches[{t}] (task {task.name!r}) must be an (inputs, targets) pair")
+    # Lengths, empty data, target dtype/shape/range and NaN, per task, before any scoring.
+    check_batch(tasks, [b[0] for b in batches], [b[1] for b in batches], "compute_masks batches")
     per_task = [
         task_scores(model, t, task, x, y, estimator, chunk_size=chunk_size)
         for t, (task, (x, y)) in enumerate(zip(tasks, batches))

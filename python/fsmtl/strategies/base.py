@@ -33,9 +33,42 @@ class TrainingContext:
 class Strategy(ABC):
     """Base class of all training strategies."""
 
+    #: True when the strategy modulates trunk activations per task (forward hooks that read
+    #: ``model.current_task``, as SE, task routing and maximum roaming do): the Trainer then runs
+    #: one forward per task, ``model(x, t)``, even when all tasks share their inputs.
+    modulates_forward: bool = False
+
+    @property
+    def context(self) -> TrainingContext:
+        """The bound model, tasks and data; a clear error instead of ``AttributeError`` before ``fit``."""
+        context = self.__dict__.get("_context")
+        if context is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not bound to a model yet: "
+                "call Trainer.fit (or Trainer.load_state_dict) first"
+            )
+        return context
+
+    @context.setter
+    def context(self, value: TrainingContext) -> None:
+        self.__dict__["_context"] = value
+
     def bind(self, context: TrainingContext) -> None:
-        """Called once by ``Trainer.fit`` before the first step."""
+        """Called by ``Trainer.fit`` (every call) and ``Trainer.load_state_dict`` before any step."""
         self.context = context
+
+    def on_fit_start(self, epochs: range, steps_per_epoch: int | None) -> None:  # noqa: B027 (optional hook)
+        """Called by ``Trainer.fit`` with the epoch indices it will train (e.g. to warn when a
+        schedule does nothing within them)."""
+
+    def state_dict(self) -> dict:
+        """The strategy's own state for a checkpoint (the Trainer saves the RNG streams)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; called after :meth:`bind`."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
     def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
         """Called before every step; returns a record when it changed state (e.g. a mask update)."""

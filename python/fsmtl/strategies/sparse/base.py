@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Sequence
 
@@ -42,6 +43,8 @@ class SparseStrategy(Strategy):
         batched_grads: bool = True,
     ) -> None:
         fk.check_k(keep_ratio, "keep_ratio")
+        if keep_ratio <= 0:  # 0 would freeze the whole trunk: never a useful run, so refuse it here
+            raise ValueError(f"keep_ratio must be > 0 (a fraction in (0, 1] or a positive count), got {keep_ratio!r}")
         if normalize not in fk.NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
         self.keep_ratio = keep_ratio
@@ -92,6 +95,31 @@ class SparseStrategy(Strategy):
 
     def forward_mask(self, task: int) -> list[torch.Tensor] | None:
         return None if self._forward_masks is None else self._forward_masks[task]
+
+    def on_fit_start(self, epochs: range, steps_per_epoch: int | None) -> None:
+        if self.mask is not None or len(epochs) == 0:
+            return
+        if self.schedule.unit == "epoch":
+            due = any(self.schedule.due(e, -1, True) for e in epochs)
+        else:
+            due = steps_per_epoch is None or self.schedule.warmup < epochs.stop * steps_per_epoch
+        if not due:
+            warnings.warn(
+                f"{type(self).__name__}: the warm-up ({self.schedule.warmup} {self.schedule.unit}s) covers the whole "
+                f"run (epochs {epochs.start}..{epochs.stop - 1}): no mask is computed, this trains as dense MTL",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def state_dict(self) -> dict:
+        return {"mask": self.mask.state_dict() if self.mask is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mask") is None:
+            self.mask, self._forward_masks, self._unselected = None, None, None
+            return
+        device = self.context.model.masked_parameters()[0].device
+        self.set_mask(fk.PackedMask.from_state_dict(state["mask"]).to(device))
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model
