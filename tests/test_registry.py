@@ -29,7 +29,7 @@ def test_method_names_labels_and_flags():
     assert list(METHODS)[:7] == ["stl", "mtl", "rs", "fs", "efs", "grad2", "absgrad"]
     assert len({m.label for m in METHODS.values()}) == len(METHODS)
     assert [n for n, m in METHODS.items() if m.single_task] == ["stl"]
-    assert [n for n, m in METHODS.items() if m.sparse] == ["rs", *ESTIMATORS]
+    assert [n for n, m in METHODS.items() if m.sparse] == ["rs", *ESTIMATORS, "tr", "mr"]
     assert {m.variant: n for n, m in METHODS.items() if m.strategy is FisherSparse} == {e: e for e in ESTIMATORS}
     assert {m.variant for m in METHODS.values() if m.strategy is JacobianAggregation} == set(AGGREGATORS)
     assert all("torchjd" in m.requires for m in METHODS.values() if m.strategy is JacobianAggregation)
@@ -44,8 +44,10 @@ def test_every_method_builds_its_strategy(name):
     strategy = method.build(options)
     assert type(strategy) is method.strategy
     if method.sparse:
+        assert strategy.keep_ratio == 0.3
+    if method.sparse and method.name not in ("tr", "mr"):  # TR/MR: p is each layer's share of units
         assert isinstance(strategy, SparseStrategy)
-        assert (strategy.keep_ratio, strategy.mask_forward, strategy.normalize) == (0.3, True, "selected")
+        assert (strategy.mask_forward, strategy.normalize) == (True, "selected")
     if method.strategy is FisherSparse:
         assert (strategy.estimator, strategy.samples) == (method.variant, 7)
     if method.strategy is JacobianAggregation:

@@ -30,6 +30,9 @@ class MultiTaskModel(nn.Module):
             raise TypeError("heads must be a non-empty sequence of nn.Module")
         self.trunk = trunk
         self.heads = nn.ModuleList(heads)
+        #: The task whose forward is running (set by :meth:`forward`, None otherwise): forward hooks
+        #: on trunk modules read it to modulate activations per task (SE, task routing, roaming).
+        self.current_task: int | None = None
         names = dict(trunk.named_modules())
         if masked_modules is not None:
             unknown = [m for m in masked_modules if m not in names]
@@ -74,7 +77,11 @@ class MultiTaskModel(nn.Module):
         return functional_call(self.trunk, overrides, (x,))
 
     def forward(self, x: torch.Tensor, task: int, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        return self.heads[task](self.features(x, mask))
+        previous, self.current_task = self.current_task, task
+        try:
+            return self.heads[task](self.features(x, mask))
+        finally:
+            self.current_task = previous
 
     def export_task(self, task: int, mask: Sequence[torch.Tensor] | None = None) -> nn.Sequential:
         """Task ``task``'s inference model ``head_t(trunk(x; S_t * theta_sh))`` with the (bool) mask

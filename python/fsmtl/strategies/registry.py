@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .balancing import gradnorm, mgda_ub, rlw
 from .method import Method
+from .modulation import roaming, routing, se
 from .sparse import fisher, random
 from .weighting import equal, jacobian
 
@@ -29,7 +30,8 @@ def get_method(name: str) -> Method:
         raise ValueError(f"method {name!r} is not one of {tuple(METHODS)}") from None
 
 
-# Table order: dense baselines, sparse methods, then the gradient-balancing peers.
-for _module in (equal, random, fisher, jacobian, gradnorm, mgda_ub, rlw):
+# Table order: dense baselines, sparse methods, the gradient-balancing peers, then the per-task
+# activation modulations.
+for _module in (equal, random, fisher, jacobian, gradnorm, mgda_ub, rlw, se, routing, roaming):
     for _method in _module.METHODS:
         register_method(_method)

@@ -1,0 +1,171 @@
+"""SE, task routing and maximum roaming: per-task modulation of the trunk's activations."""
+
+import pytest
+import torch
+from torch import nn
+
+import fsmtl
+from fsmtl.data import Split, Task
+from fsmtl.losses import task_loss
+from fsmtl.models import cnn_trunk
+from fsmtl.strategies import METHODS, TrainingContext
+from fsmtl.strategies.modulation.base import modulation_points
+from fsmtl.strategies.modulation.roaming import MaximumRoaming
+from fsmtl.strategies.modulation.routing import TaskRouting
+from fsmtl.strategies.modulation.se import TaskSqueezeExcitation
+
+TASKS = [Task("a", "binary", 1), Task("b", "binary", 1), Task("c", "multiclass", 3)]
+
+
+def cnn_model(seed=0, hidden=10):
+    torch.manual_seed(seed)
+    return fsmtl.MultiTaskModel(cnn_trunk(3, hidden=hidden), [nn.Linear(hidden, t.num_outputs) for t in TASKS])
+
+
+def data(n=24, seed=0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    ys = [
+        (x[:, 0].mean((1, 2)) > 0).float(),
+        (x[:, 1].mean((1, 2)) > 0).float(),
+        torch.randint(0, 3, (n,), generator=g),
+    ]
+    return Split([x] * 3, ys)
+
+
+def context(model, split, seed=0):
+    def sample(t, n):
+        return split.inputs[t][:n], split.targets[t][:n]
+
+    return TrainingContext(model, TASKS, sample, torch.Generator().manual_seed(seed))
+
+
+def fit(strategy, model, split, epochs=1):
+    trainer = fsmtl.Trainer(model, TASKS, strategy, torch.optim.Adam(model.parameters(), 1e-2))
+    trainer.fit(split, epochs=epochs, batch_size=8)
+    return trainer
+
+
+def point_outputs(model, x, task):
+    """The outputs of the trunk's modulation points (after the strategy's hooks) in task's forward."""
+    found = []
+    modules = dict(model.trunk.named_modules())
+    hooks = [modules[p].register_forward_hook(lambda m, i, o: found.append(o)) for p in modulation_points(model.trunk)]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x, task)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def test_default_points_are_the_activations_of_the_cnn():
+    assert modulation_points(cnn_model().trunk) == ["2", "6"]
+
+
+@pytest.mark.parametrize("keep_ratio, kept", [(0.5, (16, 5)), (0.3, (10, 3)), (1.0, (32, 10))])
+def test_task_routing_masks_are_fixed_with_the_keep_ratio_per_layer(keep_ratio, kept):
+    model, split = cnn_model(), data()
+    tr = TaskRouting(keep_ratio)
+    fit(tr, model, split)
+    assert [m.shape for m in tr.masks] == [(3, 32), (3, 10)]
+    for m, k in zip(tr.masks, kept):
+        assert m.sum(1).tolist() == [k] * 3
+    before = [m.clone() for m in tr.masks]
+    fit(tr, model, split)  # a second fit keeps the masks (drawn once)
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.masks))
+    if keep_ratio < 1:
+        assert not torch.equal(tr.masks[0][0], tr.masks[0][1])  # tasks route differently
+    # Task t's activations are zero exactly outside its mask.
+    x = split.inputs[0][:4]
+    for t in range(3):
+        for out, m in zip(point_outputs(model, x, t), tr.masks):
+            assert (out[:, ~m[t]] == 0).all()
+            assert (out[:, m[t]] != 0).any()
+
+
+def test_task_routing_trains_shared_weights_densely():
+    model, split = cnn_model(), data()
+    tr = TaskRouting(0.5)
+    tr.bind(context(model, split))
+    x, ys = split.inputs[0][:8], [y[:8] for y in split.targets]
+    losses = [task_loss(task, model(x, t), y[:8]) for t, (task, y) in enumerate(zip(TASKS, ys))]
+    per_task = [torch.autograd.grad(v, model.shared_parameters(), retain_graph=True) for v in losses]
+    tr.backward(losses)
+    for i, p in enumerate(model.shared_parameters()):
+        torch.testing.assert_close(p.grad, sum(g[i] for g in per_task) / 3)
+
+
+def test_maximum_roaming_swaps_one_unit_and_visits_every_unit():
+    model, split = cnn_model(hidden=10), data()
+    mr = MaximumRoaming(0.3, every=1)
+    mr.bind(context(model, split))
+    history = [[m.clone() for m in mr.masks]]
+    for _ in range(12):
+        mr.roam()
+        history.append([m.clone() for m in mr.masks])
+    for before, after in zip(history, history[1:]):
+        for a, b in zip(before, after):
+            assert (a.sum(1) == b.sum(1)).all()  # the keep ratio never changes
+            assert ((a ^ b).sum(1) == 2).all()  # one unit out, one unit in, per task
+    # 10 channels, 3 kept: after 7 updates each task has visited all 10 units of that layer.
+    union = torch.stack([h[1] for h in history[:8]]).any(0)
+    assert union.all()
+    # A new cycle starts once every unit was visited: the roaming goes on.
+    assert not torch.equal(history[8][1], history[12][1])
+
+
+def test_maximum_roaming_updates_every_k_steps_in_training():
+    model, split = cnn_model(), data(n=32)
+    mr = MaximumRoaming(0.5, every=2)
+    fit(mr, model, split, epochs=2)  # 8 steps: updates before steps 2, 4, 6
+    assert mr.updates == 3
+    with pytest.raises(ValueError, match="every"):
+        MaximumRoaming(0.5, every=0)
+
+
+def test_se_parameters_are_per_task_and_trained_by_their_task_only():
+    model, split = cnn_model(), data()
+    se = TaskSqueezeExcitation()
+    se.bind(context(model, split))
+    assert len(se.se_modules) == 3 and [m.fc1.in_features for m in se.se_modules[0]] == [32, 10]
+    owned = [list(m.parameters()) for m in se.se_modules]
+    assert not set(map(id, owned[0])) & set(map(id, owned[1]))
+    assert not set(map(id, owned[0])) & set(map(id, model.parameters()))
+    x, ys = split.inputs[0][:8], [y[:8] for y in split.targets]
+    losses = [task_loss(task, model(x, t), y) for t, (task, y) in enumerate(zip(TASKS, ys))]
+    own = torch.autograd.grad(losses[0], owned[0], retain_graph=True)
+    other = torch.autograd.grad(losses[1], owned[0], retain_graph=True, allow_unused=True)
+    assert all(g is None for g in other)
+    per_task = [torch.autograd.grad(v, model.shared_parameters(), retain_graph=True) for v in losses]
+    se.backward(losses)
+    for p, g in zip(owned[0], own):
+        torch.testing.assert_close(p.grad, g)
+    for i, p in enumerate(model.shared_parameters()):  # shared weights: dense task average
+        torch.testing.assert_close(p.grad, sum(g[i] for g in per_task) / 3)
+    params = list(se.se_modules.parameters())
+    before = [p.detach().clone() for p in params]
+    moved = [bool((p.grad != 0).any()) for p in params]
+    assert sum(moved) > len(params) // 2
+    se.before_optimizer_step()
+    se.after_optimizer_step()  # the strategy's own optimizer steps the SE parameters
+    assert [not torch.equal(a, b) for a, b in zip(before, params)] == moved
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("name", ["se", "tr", "mr"])
+def test_modulated_methods_train_and_evaluate(name):
+    model, split = cnn_model(), data(n=32)
+    strategy = METHODS[name].build(fsmtl.strategies.MethodOptions(keep_ratio=0.5))
+    trainer = fit(strategy, model, split, epochs=2)
+    assert len(trainer.history["loss"]) == 2
+    metrics = trainer.evaluate(split)
+    assert len(metrics) == 3
+    # Task forwards differ (each task its own modulation) and no trunk forward runs without a task.
+    x = split.inputs[0][:4]
+    assert not torch.allclose(point_outputs(model, x, 0)[-1], point_outputs(model, x, 1)[-1])
+    model.train()
+    with pytest.raises(RuntimeError, match="run model\\(x, task\\)"):
+        model.features(x)
