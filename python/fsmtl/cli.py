@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
     run.add_argument("--out", type=Path, default=Path("fsmtl-results"), help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision of the forward pass")
+    run.add_argument("--checkpoint-dir", type=Path, default=None, help="write resumable checkpoints to this folder")
+    run.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (--checkpoint-dir)")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run checkpointed in DIR")
     sub.add_parser("benchmarks", help="list the built-in benchmarks")
     return parser
 
@@ -110,12 +114,23 @@ def run_command(args) -> int:
     # Every option but --option/--out/--no-progress is named like an ExperimentConfig field.
     settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
     settings["benchmark_options"] = {k: _parse_value(v) for k, v in args.option}
+    from .resume import explicit_options, interrupted, prepare, stop_on_signals
+
+    explicit = explicit_options(build_parser(), args.argv) if args.resume is not None else set()
+    settings, store = prepare(args, settings, explicit)  # --resume: the saved settings; sets args.out
     cfg = ExperimentConfig(**settings)
 
     def progress(total: int):
         return tqdm(total=total, desc="fsmtl run", unit="step", disable=args.no_progress, file=sys.stderr)
 
-    results = run_experiment(cfg, progress_factory=progress)
+    from .checkpoint import TrainingInterrupted
+
+    with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step, checkpoint, exit 130
+        try:
+            results = run_experiment(cfg, progress_factory=progress, store=store)
+        except TrainingInterrupted as stop:
+            print(interrupted(store, stop), file=sys.stderr)
+            return 130
     args.out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     (args.out / "table.txt").write_text(table + "\n")
@@ -133,6 +148,7 @@ def run_command(args) -> int:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell given options from defaults (--resume)
     try:
         if args.command == "benchmarks":
             from .data import BENCHMARKS

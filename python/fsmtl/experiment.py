@@ -40,6 +40,7 @@ class ExperimentConfig:
     mask_forward: bool = False
     normalize: str = "tasks"
     device: str = "cpu"
+    amp: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -60,6 +61,8 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {self.amp!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         try:
@@ -92,12 +95,13 @@ def _one_task(split: Split, t: int) -> Split:
 
 
 def train_once(
-    benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None
+    benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None, store=None
 ) -> dict:
-    """Train one method with one seed; returns val and test metrics per task, history, mask info."""
+    """Train one method with one seed; returns val and test metrics per task, history, mask info.
+    With a :class:`fsmtl.resume.RunStore`, a finished run is read back and an interrupted one resumed."""
     spec = get_method(method)
     if not spec.single_task:
-        return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress)
+        return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress, store)
     runs = []
     for t, task in enumerate(benchmark.tasks):
         sub = Benchmark(
@@ -109,7 +113,7 @@ def train_once(
             _one_task(benchmark.val, t),
             _one_task(benchmark.test, t),
         )
-        runs.append(_train_model(sub, spec, seed, keep_ratio, cfg, progress))
+        runs.append(_train_model(sub, spec, seed, keep_ratio, cfg, progress, store))
     return {
         "val": [r["val"][0] for r in runs],
         "test": [r["test"][0] for r in runs],
@@ -118,14 +122,24 @@ def train_once(
 
 
 def _train_model(
-    benchmark: Benchmark, spec: Method, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress
+    benchmark: Benchmark, spec: Method, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress, store=None
 ) -> dict:
+    run_dir = store.run_dir(spec.name, seed, keep_ratio, benchmark.tasks) if store is not None else None
+    if run_dir is not None and (done := store.finished(run_dir)) is not None:
+        return done  # each run seeds itself below, so skipping a finished one changes no other
     torch.manual_seed(seed)
     model = build_model(benchmark, hidden=cfg.hidden).to(cfg.device)
     strategy = spec.build(method_options(keep_ratio, cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    trainer = Trainer(model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed)
-    history = trainer.fit(benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, progress=progress)
+    trainer = Trainer(
+        model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed, amp=cfg.amp
+    )
+    if store is not None:
+        history = store.train(
+            trainer, benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, run_dir=run_dir, progress=progress
+        )
+    else:
+        history = trainer.fit(benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, progress=progress)
     result = {"val": trainer.evaluate(benchmark.val), "test": trainer.evaluate(benchmark.test), "history": history}
     mask = getattr(strategy, "mask", None)
     if mask is not None:
@@ -139,7 +153,7 @@ def _train_model(
                 count_nonzero_shared(model.export_task(t, strategy.forward_mask(t)))
                 for t in range(len(benchmark.tasks))
             ]
-    return result
+    return store.finish(run_dir, result) if store is not None else result
 
 
 def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
@@ -154,6 +168,7 @@ def run_experiment(
     *,
     benchmark: Benchmark | None = None,
     progress_factory: Callable[[int], object] | None = None,
+    store=None,
 ) -> dict:
     """Run every method of ``cfg`` over its seeds (and keep ratios for the sparse ones).
 
@@ -174,7 +189,7 @@ def run_experiment(
             ratios = list(cfg.keep_ratios) if METHODS[method].sparse else [1.0]
             candidates = {}
             for p in ratios:
-                runs = [train_once(benchmark, method, s, p, cfg, progress) for s in cfg.seeds]
+                runs = [train_once(benchmark, method, s, p, cfg, progress, store) for s in cfg.seeds]
                 val = statistics.mean(primary_score(benchmark, r["val"]) for r in runs)
                 candidates[p] = {"val_score": val, "runs": runs}
             best = max(candidates, key=lambda p: candidates[p]["val_score"])
@@ -219,6 +234,8 @@ def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark)
         "test_per_task": per_task,
         "test_per_seed": per_seed,
         "mask_updates": [r["history"]["mask_updates"] for r in runs] if sparse else [],
+        # False when the warm-up covered the whole run: the "sparse" rows are then plain MTL.
+        "mask_used": any(r["history"]["mask_updates"] for r in runs) if sparse else None,
     }
     if sparse:
         out["mask"] = runs[0].get("mask")
