@@ -7,10 +7,11 @@ attribute file plus images; ``cityscapes``: :func:`cityscapes`, MTAN/LibMTL ``.n
 """
 
 from ._types import TASK_KINDS, Benchmark, Split, Task
-from .celeba import celeba, read_attributes, read_partition
+from .celeba import CelebADataset, celeba, celeba_datasets, read_attributes, read_partition
 from .cityscapes import cityscapes
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
 from .idx import dkl_mnist, read_idx
+from .loaders import SplitDataset, split_datasets
 from .registry import BENCHMARKS, BenchmarkEntry, load_benchmark
 from .shapes import TASK_NAMES as SHAPES_TASKS
 from .shapes import render_scenes, shapes
@@ -24,9 +25,12 @@ __all__ = [
     "TASK_KINDS",
     "Benchmark",
     "BenchmarkEntry",
+    "CelebADataset",
     "Split",
+    "SplitDataset",
     "Task",
     "celeba",
+    "celeba_datasets",
     "cityscapes",
     "digits_attributes",
     "digits_dkl",
@@ -35,6 +39,7 @@ __all__ = [
     "read_attributes",
     "read_idx",
     "read_partition",
+    "split_datasets",
     "render_scenes",
     "shapes",
     "synthetic",

@@ -120,3 +120,12 @@ class Benchmark:
     def num_tasks(self) -> int:
         """Number of tasks T."""
         return len(self.tasks)
+
+    def datasets(self, split: str = "train"):
+        """``split`` (``"train"``, ``"val"``, ``"test"``) as ``torch.utils.data`` datasets for
+        ``Trainer.fit``/``evaluate``: one (homogeneous) or one per task (heterogeneous)."""
+        from .loaders import split_datasets
+
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        return split_datasets(getattr(self, split), self.homogeneous)

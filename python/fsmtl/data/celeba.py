@@ -85,6 +85,11 @@ def read_partition(partition_file: str | os.PathLike[str], files: Sequence[str])
 
 def _load_image(path: Path, image_size: int) -> np.ndarray:
     """One image as ``[3, image_size, image_size]`` float32 in [0, 1]: centre square crop, then resize."""
+    return _load_image_uint8(path, image_size).astype(np.float32) / 255.0
+
+
+def _load_image_uint8(path: Path, image_size: int) -> np.ndarray:
+    """One image as ``[3, image_size, image_size]`` uint8: centre square crop, then resize."""
     from PIL import Image, UnidentifiedImageError  # Pillow comes with matplotlib; only CelebA needs it
 
     if not path.is_file():
@@ -97,7 +102,7 @@ def _load_image(path: Path, image_size: int) -> np.ndarray:
             left, top = (width - side) // 2, (height - side) // 2
             image = image.crop((left, top, left + side, top + side))
             image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from err
     return array.transpose(2, 0, 1)
@@ -134,6 +139,29 @@ def celeba(
         channel with train statistics, the same tensor for every task; targets float32 ``[n]`` in
         {0, 1} (1 = the file's 1).
     """
+    image_dir, files, labels, parts = _index(
+        attr_file, image_dir, attributes, image_size, limit, partition_file, seed, val_fraction, test_fraction
+    )
+    images = torch.from_numpy(np.stack([_load_image(image_dir / f, image_size) for f in files]))
+    xs = standardize(*(images[p] for p in parts), dims=(0, 2, 3))
+    tasks = [Task(a, "binary", 1) for a in attributes]
+    splits = [
+        Split(inputs=[x] * len(tasks), targets=[labels[p, j].contiguous() for j in range(len(tasks))])
+        for x, p in zip(xs, parts, strict=True)
+    ]
+    return Benchmark(
+        name="celeba",
+        tasks=tasks,
+        homogeneous=True,
+        input_shape=(3, image_size, image_size),
+        train=splits[0],
+        val=splits[1],
+        test=splits[2],
+    )
+
+
+def _index(attr_file, image_dir, attributes, image_size, limit, partition_file, seed, val_fraction, test_fraction):
+    """The checked arguments' image folder, chosen files, labels ``[n, T]`` and train/val/test positions."""
     if isinstance(attributes, str) or not isinstance(attributes, Sequence) or len(attributes) == 0:
         raise ValueError("attributes must be a non-empty sequence of attribute names")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -166,19 +194,47 @@ def celeba(
                 raise ValueError(f"{partition_file}: the {p} partition holds none of the selected images")
     else:
         parts = three_way_split(len(files), val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    images = torch.from_numpy(np.stack([_load_image(image_dir / f, image_size) for f in files]))
-    xs = standardize(*(images[p] for p in parts), dims=(0, 2, 3))
-    tasks = [Task(a, "binary", 1) for a in attributes]
-    splits = [
-        Split(inputs=[x] * len(tasks), targets=[labels[p, j].contiguous() for j in range(len(tasks))])
-        for x, p in zip(xs, parts, strict=True)
-    ]
-    return Benchmark(
-        name="celeba",
-        tasks=tasks,
-        homogeneous=True,
-        input_shape=(3, image_size, image_size),
-        train=splits[0],
-        val=splits[1],
-        test=splits[2],
+    return image_dir, files, labels, parts
+
+
+class CelebADataset(torch.utils.data.Dataset):
+    """CelebA images decoded on the fly (for ``Trainer.fit`` with ``num_workers``): item ``i`` is
+    ``(image, targets)``, the image uint8 ``[3, image_size, image_size]`` (the Trainer makes it
+    float32 in [0, 1] on the device), targets T float32 scalars in {0, 1}. Nothing is held in memory
+    but file names and labels, so all 202,599 images need no 10 GB of float32."""
+
+    def __init__(self, image_dir: Path, files: Sequence[str], labels: torch.Tensor, image_size: int) -> None:
+        self.image_dir, self.files, self.labels, self.image_size = Path(image_dir), list(files), labels, image_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        # A copy: the array is a read-only view of the PIL image buffer.
+        image = torch.from_numpy(_load_image_uint8(self.image_dir / self.files[i], self.image_size).copy())
+        return image, list(self.labels[i].unbind())
+
+
+def celeba_datasets(
+    attr_file: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
+    attributes: Sequence[str],
+    *,
+    image_size: int = 64,
+    limit: int | None = None,
+    partition_file: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> tuple[list[Task], dict[str, CelebADataset]]:
+    """The same images, labels and split as :func:`celeba`, as lazily decoded datasets: returns the
+    tasks and ``{"train", "val", "test"}`` :class:`CelebADataset`s (inputs in [0, 1], not
+    standardized)."""
+    image_dir, files, labels, parts = _index(
+        attr_file, image_dir, attributes, image_size, limit, partition_file, seed, val_fraction, test_fraction
     )
+    datasets = {
+        name: CelebADataset(image_dir, [files[i] for i in part], labels[part], image_size)
+        for name, part in zip(("train", "val", "test"), parts, strict=True)
+    }
+    return [Task(a, "binary", 1) for a in attributes], datasets
