@@ -73,10 +73,46 @@ def check_outputs(task, outputs: torch.Tensor, target: torch.Tensor, where: str)
         )
 
 
+def _values_ok(tasks: Sequence, inputs: Sequence, targets: Sequence) -> bool:
+    """All value checks of a batch at once (each shared input once, binary targets stacked): a
+    few tensor ops per batch instead of a few per task; False sends the caller to the per-task
+    checks, which name the culprit."""
+    seen = set()
+    for x in inputs:
+        if id(x) not in seen and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return False
+        seen.add(id(x))
+    binary = [y for task, y in zip(tasks, targets) if task.kind == "binary"]
+    if binary and not (len({y.shape for y in binary}) == 1 and bool(_in01(torch.stack(binary)).all())):
+        return False
+    for task, y in zip(tasks, targets):
+        kind = task_kind(task.kind)
+        if task.kind == "binary" or y.numel() == 0:
+            continue
+        if y.is_floating_point():
+            if not bool(torch.isfinite(y).all()):
+                return False
+        elif not kind.single_output:
+            lo, hi = torch.aminmax(y)
+            if int(lo) < (-1 if kind.dense else 0) or int(hi) >= task.num_outputs:
+                return False
+    return True
+
+
+def _in01(y: torch.Tensor) -> torch.Tensor:
+    return (y == 0) | (y == 1)
+
+
 def check_batch(tasks: Sequence, inputs: Sequence, targets: Sequence, where: str, *, values: bool = True) -> None:
-    """One batch: T inputs and T targets with matching, non-zero sample counts."""
+    """One batch: T inputs and T targets with matching, non-zero sample counts, the dtype/shape
+    of each task kind and, with ``values``, finite inputs and targets in range."""
     if len(inputs) != len(tasks) or len(targets) != len(tasks):
         raise ValueError(f"{where}: {len(inputs)} inputs and {len(targets)} targets for {len(tasks)} tasks")
+    if values:
+        # Metadata first (cheap, and the combined value check relies on it), then values at once.
+        check_batch(tasks, inputs, targets, where, values=False)
+        if _values_ok(tasks, inputs, targets):
+            return
     for task, x, y in zip(tasks, inputs, targets):
         check_inputs(task, x, where, values=values)
         if x.shape[0] == 0:

@@ -22,7 +22,7 @@ import torch
 from . import checkpoint as ckpt
 from .checks import check_batch, check_inputs, check_outputs, check_targets
 from .data import Split, Task
-from .data.loaders import homogeneous_batch, sampler, to_device, train_source
+from .data.loaders import backing_split, homogeneous_batch, sampler, to_device, train_source
 from .losses import task_loss
 from .model import MultiTaskModel
 from .strategies.base import Strategy, TrainingContext
@@ -310,9 +310,10 @@ class Trainer:
             train, self.tasks, self.homogeneous, batch_size, self.generator,
             num_workers=num_workers, pin_memory=on_cuda,
         )  # fmt: skip
-        in_memory = isinstance(train, Split)
+        in_memory = isinstance(train, Split) or backing_split(train) is not None
         if in_memory:
-            self._check_split(train, "train")
+            # Checked whole, once: its batches then need no per-batch value checks.
+            self._check_split(train if isinstance(train, Split) else backing_split(train), "train")
         for name, data in (("val", val), ("fisher_data", fisher_data)):
             if isinstance(data, Split):
                 self._check_split(data, name)

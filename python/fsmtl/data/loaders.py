@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
 
 from ._types import Split
 
@@ -96,9 +96,22 @@ class SplitDataset(Dataset):
         return int(self.split.inputs[0 if self.task is None else self.task].shape[0])
 
     def __getitem__(self, i):
+        # ``i`` may be a list of indices: the Trainer's loader then fetches a whole batch with one
+        # index op per tensor instead of batch_size items and a collate.
         if self.task is None:
             return self.split.inputs[0][i], [y[i] for y in self.split.targets]
         return self.split.inputs[self.task][i], self.split.targets[self.task][i]
+
+
+def backing_split(data) -> Split | None:
+    """The in-memory split behind ``data`` when it is made of :class:`SplitDataset` s (so the
+    Trainer can check it whole once instead of every batch's values), else None."""
+    if isinstance(data, SplitDataset) and data.task is None:
+        return data.split
+    if isinstance(data, (list, tuple)) and data and all(isinstance(d, SplitDataset) for d in data):
+        if all(d.split is data[0].split and d.task == t for t, d in enumerate(data)):
+            return data[0].split
+    return None
 
 
 def split_datasets(split: Split, homogeneous: bool) -> Dataset | list[Dataset]:
@@ -184,6 +197,16 @@ class LoaderSource:
 
 def _loader(dataset: Dataset, batch_size: int, generator, num_workers: int, pin_memory: bool) -> DataLoader:
     sampler = RandomSampler(dataset, generator=generator) if generator is not None else None
+    if isinstance(dataset, SplitDataset):
+        # Same order (the BatchSampler groups the same sampler), one gather per tensor per batch.
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=BatchSampler(sampler if sampler is not None else range(len(dataset)), batch_size, drop_last=False),
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -286,4 +309,6 @@ def sampler(data, tasks: Sequence, homogeneous: bool, generator: torch.Generator
         x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
         return to_device(x, device), to_device(y, device)
 
+    if backing_split(data) is not None:
+        data = backing_split(data)  # draws exactly what the same Split would
     return from_split if isinstance(data, Split) else from_items
