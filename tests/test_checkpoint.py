@@ -265,3 +265,31 @@ def test_checkpoint_dir_refuses_an_existing_run(tmp_path, capsys):
     assert main([*CLI_ARGS, "--checkpoint-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "--resume" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path / "missing")]) == 2
+
+
+def test_resume_mid_epoch_with_shuffling_per_task_dataloaders(tmp_path):
+    """Heterogeneous tasks from the user's own shuffling DataLoaders (they draw from torch's global
+    RNG, the shorter ones restart mid-epoch): resumed mid-epoch, training is bit-identical."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    split = data()
+    loaders = [
+        DataLoader(TensorDataset(split.inputs[t][:n], split.targets[t][:n]), batch_size=8, shuffle=True)
+        for t, n in enumerate((40, 25, 13))
+    ]
+
+    def make():
+        trainer = build()
+        trainer.homogeneous = False
+        return trainer
+
+    full = make()
+    full.fit(loaders, epochs=3, checkpoint_dir=tmp_path, checkpoint_every=1, checkpoint_unit="step", keep_last=100)
+    resumed = make()
+    torch.manual_seed(4321)
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt-000000007.pt", weights_only=False))
+    assert (resumed.epoch, resumed.epoch_step) == (1, 2)
+    resumed.fit(loaders, epochs=3 - resumed.epoch)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.history["loss"] == full.history["loss"]
