@@ -68,3 +68,22 @@ def test_builtin_benchmark_datasets_train_like_the_split():
     assert trainer.evaluate(bench.datasets("test")) == trainer.evaluate(bench.test)
     with pytest.raises(ValueError, match="split"):
         bench.datasets("dev")
+
+
+def test_cityscapes_datasets_read_the_same_arrays_lazily(tmp_path):
+    from test_data import _write_cityscapes
+
+    from fsmtl.data import cityscapes, cityscapes_datasets
+    from fsmtl.data._split import standardize
+
+    _write_cityscapes(tmp_path, {"train": 10, "val": 3})
+    bench = cityscapes(tmp_path, val_fraction=0.2)
+    tasks, sets = cityscapes_datasets(tmp_path, val_fraction=0.2)
+    assert tasks == bench.tasks
+    for name in ("train", "val", "test"):
+        split, ds = getattr(bench, name), sets[name]
+        items = [ds[i] for i in range(len(ds))]
+        assert torch.equal(torch.stack([y[0] for _, y in items]), split.targets[0])
+        assert torch.equal(torch.stack([y[1] for _, y in items]), split.targets[1])
+    train = torch.stack([x for x, _ in (sets["train"][i] for i in range(len(sets["train"])))])
+    assert torch.equal(standardize(train, dims=(0, 2, 3))[0], bench.train.inputs[0])

@@ -8,7 +8,7 @@ attribute file plus images; ``cityscapes``: :func:`cityscapes`, MTAN/LibMTL ``.n
 
 from ._types import TASK_KINDS, Benchmark, Split, Task
 from .celeba import CelebADataset, celeba, celeba_datasets, read_attributes, read_partition
-from .cityscapes import cityscapes
+from .cityscapes import CityscapesDataset, cityscapes, cityscapes_datasets
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
 from .idx import dkl_mnist, read_idx
 from .loaders import SplitDataset, split_datasets
@@ -26,12 +26,14 @@ __all__ = [
     "Benchmark",
     "BenchmarkEntry",
     "CelebADataset",
+    "CityscapesDataset",
     "Split",
     "SplitDataset",
     "Task",
     "celeba",
     "celeba_datasets",
     "cityscapes",
+    "cityscapes_datasets",
     "digits_attributes",
     "digits_dkl",
     "dkl_mnist",

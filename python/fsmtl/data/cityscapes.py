@@ -130,3 +130,52 @@ def cityscapes(
         val=splits[1],
         test=splits[2],
     )
+
+
+class CityscapesDataset(torch.utils.data.Dataset):
+    """Cityscapes arrays read on the fly (memory-mapped ``.npy``), for ``Trainer.fit`` with
+    ``num_workers``: item ``i`` is ``(image [3, H, W] float32 in [0, 1], [segmentation [H, W]
+    int64 with -1 = ignore, depth [1, H, W] float32 with 0 = invalid])``. Images are not
+    standardized (the in-memory :func:`cityscapes` standardizes with train statistics)."""
+
+    def __init__(self, folder: str | os.PathLike[str], ids: list[int]) -> None:
+        self.folder, self.ids = Path(folder), list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        name = f"{self.ids[i]}.npy"
+        image = _load(self.folder / "image" / name)
+        h, w = image.shape[:2]
+        label = np.rint(_load(self.folder / "label" / name)).astype(np.int64)
+        depth = _load(self.folder / "depth" / name).reshape(1, h, w).astype(np.float32)
+        return (
+            torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32)),
+            [torch.from_numpy(label), torch.from_numpy(depth)],
+        )
+
+
+def cityscapes_datasets(
+    root: str | os.PathLike[str], *, seed: int = 0, val_fraction: float = 0.1, limit: int | None = None
+) -> tuple[list[Task], dict[str, CityscapesDataset]]:
+    """The tasks and the same train/val/test split as :func:`cityscapes`, as lazily read
+    :class:`CityscapesDataset` s (the label and depth folders must hold the image folder's indices)."""
+    val_fraction = check_fraction(val_fraction, "val_fraction")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Cityscapes root not found: {root}")
+    ids = {}
+    for split in ("train", "val"):
+        ids[split] = _indices(root / split / "image")
+        for sub in ("label", "depth"):
+            if _indices(root / split / sub) != ids[split]:
+                raise ValueError(f"{root / split / sub}: holds other indices than {root / split / 'image'}")
+        ids[split] = ids[split][:limit] if limit is not None else ids[split]
+    tr, va = carve_validation(len(ids["train"]), val_fraction=val_fraction, seed=seed)
+    datasets = {
+        "train": CityscapesDataset(root / "train", [ids["train"][i] for i in tr]),
+        "val": CityscapesDataset(root / "train", [ids["train"][i] for i in va]),
+        "test": CityscapesDataset(root / "val", ids["val"]),
+    }
+    return [Task("segmentation", "segmentation", NUM_CLASSES), Task("depth", "depth", 1)], datasets
