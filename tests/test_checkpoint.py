@@ -293,3 +293,15 @@ def test_resume_mid_epoch_with_shuffling_per_task_dataloaders(tmp_path):
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
     assert resumed.history["loss"] == full.history["loss"]
+
+
+def test_a_warmup_covering_the_run_is_reported_and_amp_reaches_the_trainer(tmp_path):
+    out = tmp_path / "o"
+    args = ["run", "--benchmark", "synthetic", "-o", "n_samples=60", "--methods", "fs", "--seeds", "0",
+            "--keep-ratios", "0.5", "--epochs", "2", "--warmup", "2", "--samples", "8", "--hidden", "8",
+            "--amp", "bf16", "--no-progress", "--out", str(out)]  # fmt: skip
+    with pytest.warns(UserWarning, match="covers the whole run"):
+        assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["fs"]["mask_used"] is False
+    assert results["config"]["amp"] == "bf16"

@@ -133,7 +133,7 @@ def cityscapes(
 
 
 class CityscapesDataset(torch.utils.data.Dataset):
-    """Cityscapes arrays read on the fly (memory-mapped ``.npy``), for ``Trainer.fit`` with
+    """Cityscapes arrays read on the fly (three ``.npy`` files per item), for ``Trainer.fit`` with
     ``num_workers``: item ``i`` is ``(image [3, H, W] float32 in [0, 1], [segmentation [H, W]
     int64 with -1 = ignore, depth [1, H, W] float32 with 0 = invalid])``. Images are not
     standardized (the in-memory :func:`cityscapes` standardizes with train statistics)."""
