@@ -305,3 +305,30 @@ def test_a_warmup_covering_the_run_is_reported_and_amp_reaches_the_trainer(tmp_p
     results = json.loads((out / "results.json").read_text())
     assert results["methods"]["fs"]["mask_used"] is False
     assert results["config"]["amp"] == "bf16"
+
+
+def test_resume_of_a_torchjd_peer_is_bit_identical():
+    pytest.importorskip("torchjd")
+    from torch import nn
+
+    import fsmtl
+    from fsmtl.strategies.weighting.jacobian import JacobianAggregation
+
+    tasks = ns["TASKS"]
+
+    def make():
+        torch.manual_seed(0)
+        trunk = nn.Sequential(nn.Linear(6, 12), nn.ReLU())
+        model = fsmtl.MultiTaskModel(trunk, [nn.Linear(12, k) for k in (1, 1, 3)])
+        return fsmtl.Trainer(model, tasks, JacobianAggregation("mgda"), torch.optim.SGD(model.parameters(), 0.1))
+
+    full = make()
+    full.fit(data(), epochs=2, batch_size=BATCH)
+    half = make()
+    half.fit(data(), epochs=1, batch_size=BATCH)
+    state = half.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    resumed.fit(data(), epochs=1, batch_size=BATCH)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)

@@ -3,6 +3,7 @@ by an aggregator (MGDA, PCGrad, CAGrad, Nash-MTL, random weights, ...) instead o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -65,6 +66,14 @@ class JacobianAggregation(Strategy):
         spec = AGGREGATORS[self.aggregator]
         kwargs = {k: (num_tasks if v is None else v) for k, v in spec.kwargs.items()}
         return getattr(agg, spec.torchjd_class)(**kwargs)
+
+    def state_dict(self) -> dict:
+        # Some aggregators keep state across steps (Nash-MTL's step counter and last weights):
+        # a copy of the whole built aggregator goes into the checkpoint (pickled by torch.save).
+        return {"aggregator": copy.deepcopy(self._built)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._built = copy.deepcopy(state["aggregator"])
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         from torchjd.autojac import backward, jac_to_grad
