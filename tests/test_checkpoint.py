@@ -219,7 +219,7 @@ trainer.fit(data(), epochs=EPOCHS, batch_size=BATCH, checkpoint_dir={str(directo
 
 CLI_ARGS = [
     "run", "--benchmark", "synthetic", "-o", "n_samples=200", "-o", "task_kind=binary", "--methods", "mtl,fs",
-    "--seeds", "0,1", "--keep-ratios", "0.5", "--epochs", "12", "--warmup", "1", "--update-every", "2",
+    "--seeds", "0,1", "--keep-ratios", "0.5", "--epochs", "30", "--warmup", "1", "--update-every", "2",
     "--samples", "16", "--hidden", "16", "--batch-size", "16", "--no-progress",
 ]  # fmt: skip
 
@@ -254,8 +254,8 @@ def test_sigint_stops_checkpoints_and_resume_gives_the_same_results(uninterrupte
     assert len(partial) >= 1
     assert not (out / "results.json").exists()
     # Omitting every option, or repeating one, resumes; a conflicting one is an error.
-    assert main(["run", "--resume", str(directory), "--epochs", "13"]) == 2
-    assert main(["run", "--resume", str(directory), "--epochs", "12", "--no-progress"]) == 0
+    assert main(["run", "--resume", str(directory), "--epochs", "31"]) == 2
+    assert main(["run", "--resume", str(directory), "--epochs", "30", "--no-progress"]) == 0
     resumed = json.loads((out / "results.json").read_text())
     assert _strip_timing(resumed) == _strip_timing(uninterrupted)
 
