@@ -88,9 +88,10 @@ def test_registry():
         "shapes",
         "dkl-mnist",
         "celeba",
+        "celeba-groups",
         "cityscapes",
     ]
-    assert [n for n, e in BENCHMARKS.items() if e.local_files] == ["dkl-mnist", "celeba", "cityscapes"]
+    assert [n for n, e in BENCHMARKS.items() if e.local_files] == ["dkl-mnist", "celeba", "celeba-groups", "cityscapes"]
     assert BENCHMARKS["celeba"].required == ["attr_file", "image_dir", "attributes"]
     assert BENCHMARKS["synthetic"].required == []
     with pytest.raises(ValueError, match=r"benchmark 'cityscapes' needs option root .*missing \['root'\]"):

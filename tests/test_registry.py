@@ -78,13 +78,14 @@ def test_a_new_method_is_one_record(monkeypatch):
 
 
 def test_task_kinds():
-    assert list(TASK_KINDS) == ["binary", "multiclass", "regression", "segmentation", "depth"]
+    assert list(TASK_KINDS) == ["binary", "multiclass", "regression", "segmentation", "depth", "multilabel"]
     assert {n: k.primary_metric for n, k in TASK_KINDS.items()} == {
         "binary": "f1",
         "multiclass": "f1",
         "regression": "mse",
         "segmentation": "miou",
         "depth": "abs_err",
+        "multilabel": "f1",
     }
     assert [n for n, k in TASK_KINDS.items() if k.dense] == ["segmentation", "depth"]
     assert [n for n, k in TASK_KINDS.items() if k.classification] == ["binary", "multiclass"]

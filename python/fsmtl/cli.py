@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data import BENCHMARKS
     from .experiment import ExperimentConfig
+    from .models import BACKBONES
+    from .presets import PRESETS
     from .strategies import METHODS
 
     d = ExperimentConfig()
@@ -95,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide the masked sum by T, or by the number of tasks selecting each entry",
     )
     run.add_argument("--device", default=d.device, help="torch device, e.g. cpu or cuda")
+    run.add_argument(
+        "--model",
+        choices=BACKBONES,
+        default=d.model,
+        help="trunk: auto (MLP, small CNN or dense CNN by the input), resnet18 or segnet (the paper's backbones)",
+    )
+    run.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the paper's settings for a benchmark (model, batch, optimiser, epochs; sources in fsmtl.presets); "
+        "add the data paths with -o; options given here win",
+    )
     run.add_argument("--out", type=Path, default=Path("fsmtl-results"), help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision of the forward pass")
@@ -114,9 +129,12 @@ def run_command(args) -> int:
     # Every option but --option/--out/--no-progress is named like an ExperimentConfig field.
     settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
     settings["benchmark_options"] = {k: _parse_value(v) for k, v in args.option}
+    from .presets import resolve_settings
     from .resume import explicit_options, interrupted, prepare, stop_on_signals
 
-    explicit = explicit_options(build_parser(), args.argv) if args.resume is not None else set()
+    given = explicit_options(build_parser(), args.argv)
+    settings = resolve_settings(settings, given, args.preset)  # --preset, then the benchmark's run defaults
+    explicit = given if args.resume is not None else set()
     settings, store = prepare(args, settings, explicit)  # --resume: the saved settings; sets args.out
     cfg = ExperimentConfig(**settings)
 

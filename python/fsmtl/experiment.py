@@ -15,7 +15,7 @@ import fsmtl_kernels as fk
 from .data import Benchmark, Split, load_benchmark
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
-from .models import build_model
+from .models import BACKBONES, build_model
 from .strategies import METHODS, MaskSchedule, Method, MethodOptions, get_method
 from .tasks import task_kind
 from .trainer import Trainer
@@ -40,6 +40,7 @@ class ExperimentConfig:
     mask_forward: bool = False
     normalize: str = "tasks"
     device: str = "cpu"
+    model: str = "auto"
     amp: str | None = None
 
     def __post_init__(self) -> None:
@@ -50,6 +51,8 @@ class ExperimentConfig:
             missing = METHODS[name].missing_packages()
             if missing:
                 raise ValueError(f'method {name!r} needs {", ".join(missing)}: pip install -e ".[peers]" installs them')
+        if self.model not in BACKBONES:
+            raise ValueError(f"model must be one of {BACKBONES}, got {self.model!r}")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
         if not self.keep_ratios:
@@ -128,7 +131,7 @@ def _train_model(
     if run_dir is not None and (done := store.finished(run_dir)) is not None:
         return done  # each run seeds itself below, so skipping a finished one changes no other
     torch.manual_seed(seed)
-    model = build_model(benchmark, hidden=cfg.hidden).to(cfg.device)
+    model = build_model(benchmark, hidden=cfg.hidden, backbone=cfg.model).to(cfg.device)
     strategy = spec.build(method_options(keep_ratio, cfg))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     trainer = Trainer(

@@ -3,7 +3,7 @@ subclass, and its instance in the tuple below (or :func:`register_task_kind` fro
 
 from __future__ import annotations
 
-from . import binary, depth, multiclass, regression, segmentation
+from . import binary, depth, multiclass, multilabel, regression, segmentation
 from .kind import TaskKind
 
 TASK_KINDS: dict[str, TaskKind] = {}
@@ -35,5 +35,5 @@ def task_kind(name: str) -> TaskKind:
         raise ValueError(f"task kind {name!r} is not one of {tuple(TASK_KINDS)}") from None
 
 
-for _module in (binary, multiclass, regression, segmentation, depth):
+for _module in (binary, multiclass, regression, segmentation, depth, multilabel):
     register_task_kind(_module.KIND)
