@@ -60,3 +60,37 @@ def test_relatedness_couples_the_attributes():
 def test_bad_options(options, error):
     with pytest.raises(error):
         load_benchmark("shapes", **options)
+
+
+def test_the_peers_run_on_shapes_from_the_command(tmp_path, capsys):
+    from fsmtl.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", "--benchmark", "shapes", "-o", "n_train=48", "-o", "n_val=32", "-o", "n_test=32", "--seeds", "0"]
+    args += [
+        "--methods",
+        "mtl,gradnorm,mgda-ub,rlw,se,tr,mr",
+        "--keep-ratios",
+        "0.5",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for label in ("MTL", "GradNorm", "MGDA-UB", "RLW", "SE", "TR ", "MR "):
+        assert label in table
+    config = __import__("json").loads((out / "results.json").read_text())["config"]
+    assert (config["epochs"], config["hidden"], config["keep_ratios"]) == (3, 16, [0.5])  # shapes' run defaults
+
+
+def test_missing_solvers_are_refused_before_training(capsys):
+    from fsmtl.cli import main
+    from fsmtl.strategies import METHODS
+
+    missing = METHODS["cagrad"].missing_packages()
+    if not missing:
+        pytest.skip("cvxpy and clarabel are installed here")
+    assert main(["run", "--benchmark", "shapes", "--methods", "mtl,cagrad", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'cagrad' needs" in err and ".[peers]" in err and missing[0] in err
