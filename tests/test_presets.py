@@ -23,7 +23,9 @@ def test_groups_cover_the_40_celeba_attributes_once():
 def test_resolve_settings_order_given_then_preset_then_benchmark_defaults():
     base = {"benchmark": "shapes", "benchmark_options": {}, "epochs": 40, "hidden": 128, "lr": 1e-3}
     shapes = resolve_settings(base, {"benchmark"}, None)
-    assert (shapes["epochs"], shapes["hidden"]) == (3, 16)
+    assert (shapes["epochs"], shapes["hidden"], shapes["benchmark_options"]) == (3, 16, {"n_train": 1500})
+    given = resolve_settings({**base, "benchmark_options": {"n_train": 99, "n_val": 7}}, {"benchmark", "option"}, None)
+    assert given["benchmark_options"] == {"n_train": 99, "n_val": 7}
     assert resolve_settings(base, {"benchmark", "epochs"}, None)["epochs"] == 40  # given on the command line
     base = {**base, "benchmark": "digits-attributes"}
     assert resolve_settings(base, set(), None) == base  # no run defaults

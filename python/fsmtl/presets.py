@@ -94,6 +94,8 @@ def resolve_settings(settings: dict, given: set[str], preset: str | None) -> dic
     entry = BENCHMARKS.get(settings["benchmark"])
     if entry is not None:
         for key, value in entry.run_defaults.items():
-            if key not in given:
+            if key == "benchmark_options":  # option by option, under the ones given with -o
+                settings[key] = {**value, **settings.get(key, {})}
+            elif key not in given:
                 settings[key] = value
     return settings

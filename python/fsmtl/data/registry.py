@@ -71,6 +71,7 @@ BENCHMARKS: dict[str, BenchmarkEntry] = {
         "(has_circle, has_warm, many, big, striped, ...); options: n_train, n_val, n_test, image_size, relatedness",
         # Sized so that the 13-method comparison over 3 seeds stays within 30 minutes on 2 CPU cores.
         run_defaults={
+            "benchmark_options": {"n_train": 1500},
             "epochs": 3,
             "hidden": 16,
             "keep_ratios": (0.5, 0.9),
