@@ -36,15 +36,14 @@ depends only on sample ``n``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 
 import torch
 from torch import nn
 
 from .. import backends
+from .._checks import GRAD_DTYPES, check_scale
 from ..fisher_accumulate import fisher_accumulate
 from .rules import Call, Rule, find_rule
 
@@ -178,10 +177,7 @@ def _check_args(module, closure, params, out, scale, chunk_size, eval_mode, back
                 raise ValueError(f"out[{i}] is on {o.device} but params[{i}] is on {p.device}")
             if o.requires_grad:
                 raise ValueError(f"out[{i}] requires grad; Fisher buffers are updated in place")
-    if isinstance(scale, bool) or not isinstance(scale, Real):
-        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale!r}")
+    check_scale(scale)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
@@ -434,7 +430,7 @@ def _estimate(losses, params, sites, acc, scale, chunk, backend) -> None:
             if present:
                 fisher_accumulate(
                     [f for f, _ in present],
-                    [g if g.dtype in (torch.float16, torch.bfloat16, torch.float32) else g.float() for _, g in present],
+                    [g if g.dtype in GRAD_DTYPES else g.float() for _, g in present],
                     scale=scale,
                     backend=backend,
                 )

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import GRAD_DTYPES
 from ..fisher_accumulate import fisher_accumulate
 from ..linear_fisher import linear_fisher
 
 _HALF = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,7 @@ def _work(t: torch.Tensor) -> torch.Tensor:
 
 def _kern(t: torch.Tensor) -> torch.Tensor:
     """The kernels take fp16/bf16/fp32 gradients; float64 ones are rounded to float32 first."""
-    return t if t.dtype in _KERNEL_DTYPES else t.float()
+    return t if t.dtype in GRAD_DTYPES else t.float()
 
 
 def _acc(bufs: list[torch.Tensor], grads: list[torch.Tensor], scale: float, backend: str) -> None:
