@@ -78,6 +78,9 @@ def test_gradnorm_first_step_sets_initial_losses_and_keeps_sum():
     s.backward(losses_of(model, x, ys))
     assert s.initial_losses is not None
     torch.testing.assert_close(s.weights.sum(), torch.tensor(3.0))
+    restored = bound(GradNorm(), tiny())
+    restored.load_state_dict(s.state_dict())
+    assert torch.equal(restored.weights, s.weights) and torch.equal(restored.initial_losses, s.initial_losses)
     with pytest.raises(ValueError, match="layer 'nope'"):
         bound(GradNorm(layer="nope"), model)
 

@@ -69,6 +69,12 @@ class GradNorm(Strategy):
         torch.autograd.backward(weighted / num_tasks, inputs=shared)
         self.update_weights(stacked.detach(), norms)
 
+    def state_dict(self) -> dict:
+        return {"weights": self.weights, "initial_losses": self.initial_losses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights, self.initial_losses = state["weights"], state["initial_losses"]
+
     @torch.no_grad()
     def update_weights(self, losses: torch.Tensor, norms: torch.Tensor) -> None:
         """One GradNorm step of the weights from the task losses ``[T]`` and the norms
