@@ -40,6 +40,34 @@ def _jit_build() -> None:
     )
 
 
+BUILD_ERROR_FILE = Path(__file__).resolve().parent / "_build_error.txt"
+"""Where ``setup.py`` records why the extension was not built (the compiler's first error lines);
+removed by a successful build."""
+
+
+def build_error() -> str | None:
+    """The build failure ``setup.py`` recorded at install time, or None when there is none."""
+    try:
+        text = BUILD_ERROR_FILE.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def _not_built_cause(exc: ImportError) -> str:
+    recorded = build_error()
+    if recorded is not None:
+        first = recorded.splitlines()[0]
+        return f"fsmtl_kernels._C was not built at install time: {first} (details: `fsmtl info` or {BUILD_ERROR_FILE})"
+    built = sorted(BUILD_ERROR_FILE.parent.glob("_C.*"))
+    if built:
+        return f"fsmtl_kernels._C is built ({built[0].name}) but does not load: {exc}"
+    return (
+        "fsmtl_kernels._C is not built and no build failure was recorded (installed without the C++ build, "
+        "e.g. by an isolated `pip install`)"
+    )
+
+
 def _load_extension() -> str | None:
     """Load the ops once; the reason they are unavailable, or None. Warns once on failure."""
     try:
@@ -47,7 +75,7 @@ def _load_extension() -> str | None:
 
         return None
     except ImportError as exc:
-        cause = f"fsmtl_kernels._C is not built: {exc}"
+        cause = _not_built_cause(exc)
     if os.environ.get("FSMTL_CPP_JIT") == "1":
         try:
             _jit_build()
