@@ -10,6 +10,7 @@ import fsmtl_kernels as fk
 
 from .checks import check_batch
 from .data import Task
+from .distributed import reduce_scores
 from .estimators import task_scores
 from .model import MultiTaskModel
 
@@ -51,4 +52,6 @@ def compute_masks(
         task_scores(model, t, task, x, y, estimator, chunk_size=chunk_size)
         for t, (task, (x, y)) in enumerate(zip(tasks, batches))
     ]
+    # Several ranks (each scored its share of the samples): one all-reduce of the weighted scores.
+    per_task = reduce_scores(per_task, [b[0].shape[0] for b in batches])
     return fk.topk_mask_batched([torch.stack(s) for s in zip(*per_task)], keep_ratio)

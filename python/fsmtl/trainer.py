@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .checks import check_batch, check_inputs, check_outputs, check_targets
 from .data import Split, Task
 from .data.loaders import backing_split, homogeneous_batch, sampler, to_device, train_source
@@ -121,6 +122,8 @@ class Trainer:
         self._epoch_start_rng: dict | None = None
         self._best_model: dict | None = None
         self._bound = False
+        # In a process group of several ranks: data shares and the per-step collectives (fsmtl.distributed).
+        self._sync = distributed.GradientSync() if distributed.world() is not None else None
         self.history: dict = {
             "loss": [],
             "mask_updates": [],
@@ -173,6 +176,8 @@ class Trainer:
             if fisher_data is not None
             else _no_data
         )
+        if self._sync is not None and fisher_data is not None:
+            sample = self._sync.shard_sampler(sample)  # each rank scores its share of the N samples
         self.strategy.bind(TrainingContext(self.model, self.tasks, sample, self.strategy_generator))
         self._bound = True
 
@@ -306,10 +311,13 @@ class Trainer:
             if checkpoint_dir is None:
                 raise ValueError("checkpoint_every needs checkpoint_dir")
         on_cuda = self.device.type == "cuda"
+        global_batch = batch_size if self._sync is None else self._sync.global_batch_size(batch_size, train)
         source = train_source(
-            train, self.tasks, self.homogeneous, batch_size, self.generator,
+            train, self.tasks, self.homogeneous, global_batch, self.generator,
             num_workers=num_workers, pin_memory=on_cuda,
         )  # fmt: skip
+        if self._sync is not None:
+            source = self._sync.shard_source(source)  # this rank's share of every global batch
         in_memory = isinstance(train, Split) or backing_split(train) is not None
         if in_memory:
             # Checked whole, once: its batches then need no per-batch value checks.
@@ -346,6 +354,8 @@ class Trainer:
             self._after_step(checkpoint_dir, checkpoint_every, checkpoint_unit, keep_last, epoch_end=True)
         if restore_best and self._best_model is not None:
             self.model.load_state_dict(self._best_model)
+        if self._sync is not None:
+            self.history["distributed"] = self._sync.info()
         return self.history
 
     def _epoch_batches(self, source):
@@ -366,12 +376,12 @@ class Trainer:
     def _after_step(self, directory, every, unit, keep_last, *, epoch_end: bool) -> None:
         """Write a due checkpoint; on a stop request (SIGINT/SIGTERM) write one and raise
         :class:`~fsmtl.checkpoint.TrainingInterrupted`."""
-        stop = ckpt.STOP.is_set()
+        stop = ckpt.STOP.is_set() if self._sync is None else self._sync.stop  # all ranks agree on a stop
         due = False
         if directory is not None and every is not None:
             count = self.epoch if unit == "epoch" else self.global_step
             due = (unit == "step" or epoch_end) and count % every == 0
-        if directory is not None and (due or stop):
+        if directory is not None and (due or stop) and distributed.is_main_process():
             self.save_checkpoint(directory, keep_last=keep_last)
         if stop:
             raise ckpt.TrainingInterrupted(f"stopped at epoch {self.epoch}, step {self.global_step}")
@@ -395,6 +405,8 @@ class Trainer:
         losses = [loss.float() for loss in losses]
         # The step's only device sync: the loss values, checked before anything is updated.
         values = torch.stack([loss.detach() for loss in losses]).cpu()
+        if self._sync is not None:
+            values = self._sync.reduce_losses(values, ckpt.STOP.is_set())  # the global batch's losses
         finite = torch.isfinite(values)
         if not bool(finite.all()):
             task = self.tasks[int((~finite).nonzero()[0])]
@@ -411,6 +423,7 @@ class Trainer:
                 # The masked average is linear in the losses: scaling each loss scales the combined
                 # gradient, which is unscaled once, before the strategy's pre-step hook.
                 self.strategy.backward([self.scaler.scale(loss) for loss in losses])
+                self._all_reduce_grads()
                 self.scaler.unscale_(self.optimizer)
                 self.strategy.before_optimizer_step()
                 scale = self.scaler.get_scale()
@@ -420,6 +433,7 @@ class Trainer:
                     self.history["skipped_amp"] += 1
             else:
                 self.strategy.backward(losses)
+                self._all_reduce_grads()
                 self.strategy.before_optimizer_step()
                 self.optimizer.step()
             self.strategy.after_optimizer_step()
@@ -429,6 +443,12 @@ class Trainer:
             self._epoch_counted += 1
         self.epoch_step += 1
         self.global_step += 1
+
+    def _all_reduce_grads(self) -> None:
+        """Several ranks: one all-reduce of the combined gradients (shared + heads), weighted by each
+        rank's share of the global batch."""
+        if self._sync is not None:
+            self._sync.all_reduce_grads(list(self.model.parameters()))
 
     def _probe(self, inputs, targets) -> None:
         """Check each head's output shape on two samples, in eval mode without grad (so no

@@ -10,6 +10,7 @@ import torch
 
 import fsmtl_kernels as fk
 
+from ...distributed import check_identical
 from ...gradients import dense_multitask_backward, masked_multitask_backward
 from ..base import Strategy
 from .schedule import MaskSchedule
@@ -72,6 +73,7 @@ class SparseStrategy(Strategy):
     def update_mask(self, epoch: int = -1, step: int = -1) -> dict:
         """Recompute the masks now; returns the record (ones, churn, overlap) of this update."""
         new = self.compute_mask()
+        check_identical(new)  # several ranks: one checksum all-reduce; raises if the masks differ
         record = {
             "epoch": epoch,
             "step": step,

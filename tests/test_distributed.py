@@ -1,0 +1,138 @@
+"""Multi-process FSMTL (gloo, CPU; processes spawned here, each run bounded by a timeout).
+
+One spawn per world size runs everything a rank checks (distributed top-K and a Trainer run), to
+keep process start-ups few: the union of the ranks' top-K masks equals ``topk_mask`` on the
+gathered scores bit for bit; masks are identical on every rank; W ranks with per-rank batch B
+train as one process with batch W*B over the same samples.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fsmtl
+import fsmtl_kernels as fk
+from fsmtl.data import Split, Task
+from fsmtl.distributed import spawn
+from fsmtl.strategies import FisherSparse, MaskSchedule
+from fsmtl_kernels.distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_batched, order_keys
+from fsmtl_kernels.packed_mask import unpack_bits
+
+SHAPES = [(7, 5), (123,), (1,), (33, 4)]
+KS = [0, 1, 150, 0.5, 1.0]
+
+
+def _full_scores(seed: int, num_tasks: int) -> list[torch.Tensor]:
+    """Scores with many ties (few distinct values), -0.0 and +0.0, +inf, tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in SHAPES:
+        s = torch.randint(-3, 4, (num_tasks, *shape), generator=g).float()
+        s[s == 3] = float("inf")
+        s[s == -3] = -0.0
+        s.view(num_tasks, -1)[:, ::11] = torch.randn(num_tasks, s[0].numel(), generator=g)[:, ::11] * 1e-30
+        out.append(s)
+    return out
+
+
+def _slices(n: int, size: int) -> list[tuple[int, int]]:
+    """Uneven dim-0 slices (FSDP2-like); the last rank may get nothing."""
+    bounds = [0] + [min(n, (r + 1) * -(-n // size)) for r in range(size)]
+    return [(bounds[r], bounds[r + 1]) for r in range(size)]
+
+
+# ------------------------------------------------------------------- the Trainer on several ranks
+
+TASKS = [Task("smile", "binary", 1), Task("age", "regression", 1), Task("digit", "multiclass", 3)]
+
+
+def _split(n: int = 192) -> Split:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=g)
+    ys = [(x[:, 0] > 0).float(), x[:, 1] * 0.5, (x[:, 2] > 0).long() + (x[:, 3] > 0).long()]
+    return Split([x] * 3, ys)
+
+
+def _train(batch_size: int, epochs: int = 3) -> dict:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU())
+    model = fsmtl.MultiTaskModel(trunk, [nn.Linear(12, k) for k in (1, 1, 3)])
+    strategy = FisherSparse(0.3, schedule=MaskSchedule(warmup=1, every=1), samples=64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    trainer = fsmtl.Trainer(model, TASKS, strategy, opt, seed=3)
+    history = trainer.fit(_split(), epochs=epochs, batch_size=batch_size)
+    return {
+        "loss": history["loss"],
+        "params": [p.detach().clone() for p in model.parameters()],
+        "mask": strategy.mask.words.clone(),
+        "updates": len(history["mask_updates"]),
+        "bytes": history.get("distributed", {}).get("bytes_per_step"),
+    }
+
+
+def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
+    results = {}
+    for seed in range(3):
+        full = _full_scores(seed, len(KS))
+        local = [s[:, slice(*_slices(s.shape[1], size)[rank])] for s in full]
+        results[seed] = distributed_topk_mask_batched(local, KS).words
+    flat = torch.cat([s[0].reshape(-1) for s in _full_scores(9, 1)])
+    a, b = _slices(flat.numel(), size)[rank]
+    results["one"] = distributed_topk_mask([flat[a:b]], 0.3).words  # the one-task API, one slice per rank
+    results["train"] = _train(per_rank_batch)
+    torch.save(results, f"{out}/rank{rank}.pt")
+
+
+@pytest.mark.parametrize("size,per_rank_batch", [(2, 32), (3, 21)])
+def test_ranks(tmp_path, size, per_rank_batch):
+    spawn(_worker, size, (str(tmp_path), per_rank_batch), timeout_s=80)
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(size)]
+
+    # distributed top-K: the union of the ranks' masks is topk_mask's, bit for bit
+    for seed in range(3):
+        full = _full_scores(seed, len(KS))
+        expected = fk.topk_mask_batched(full, KS).to_bool_stacked()
+        for i in range(len(full)):
+            got = []
+            for r in range(size):
+                numels = [(b - a) * t[0, 0].numel() if t.dim() > 2 else b - a for t in full
+                          for a, b in [_slices(t.shape[1], size)[r]]]  # fmt: skip
+                start = sum(-(-m // 32) for m in numels[:i])
+                got.append(unpack_bits(parts[r][seed][:, start : start + -(-numels[i] // 32)], numels[i]))
+            assert torch.equal(torch.cat(got, dim=1), expected[i].reshape(len(KS), -1)), (seed, i)
+    flat = torch.cat([s[0].reshape(-1) for s in _full_scores(9, 1)])
+    union = torch.cat([unpack_bits(parts[r]["one"], b - a)[0] for r, (a, b) in enumerate(_slices(flat.numel(), size))])
+    assert torch.equal(union, fk.topk_mask([flat], 0.3).to_bool_stacked()[0][0])
+
+    # masks identical on every rank, and the same training as one process with the global batch
+    runs = [p["train"] for p in parts]
+    for run in runs[1:]:
+        assert torch.equal(run["mask"], runs[0]["mask"])
+        for p, q in zip(run["params"], runs[0]["params"]):
+            assert torch.equal(p, q)
+    single = _train(per_rank_batch * size)
+    dist_run = runs[0]
+    assert dist_run["updates"] == single["updates"] == 2
+    torch.testing.assert_close(torch.tensor(dist_run["loss"]), torch.tensor(single["loss"]), rtol=1e-5, atol=1e-7)
+    for p, q in zip(dist_run["params"], single["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    a = unpack_bits(dist_run["mask"], dist_run["mask"].shape[1] * 32)
+    b = unpack_bits(single["mask"], single["mask"].shape[1] * 32)
+    assert (a == b).float().mean() >= 0.999
+    n_params = sum(p.numel() for p in single["params"])
+    assert dist_run["bytes"] == 4 * n_params  # one all-reduce of shared + head gradients, not T times
+
+
+def test_single_process_equals_topk_mask():
+    full = _full_scores(4, 3)
+    ks = [5, 0.25, 200]
+    assert torch.equal(distributed_topk_mask_batched(full, ks).words, fk.topk_mask_batched(full, ks).words)
+
+
+def test_order_keys_preserve_float_order():
+    x = torch.tensor([float("-inf"), -3.0, -1e-38, -0.0, 0.0, 1e-45, 2.0, float("inf")])
+    keys = order_keys(x)
+    assert keys[3] == keys[4]
+    assert bool((keys[1:] >= keys[:-1]).all()) and bool((keys[1:4] > keys[:3]).all())
