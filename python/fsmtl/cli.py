@@ -7,6 +7,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from .distributed import run_cli
+
 
 def _csv(kind):
     def parse(text: str):
@@ -113,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=Path("fsmtl-results"), help="output folder")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision of the forward pass")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on this many local processes (torch.distributed, gloo on CPU, NCCL on CUDA; the same as "
+        "torchrun --standalone --nproc_per_node N -m fsmtl run ...); --batch-size is per process",
+    )
     run.add_argument("--checkpoint-dir", type=Path, default=None, help="write resumable checkpoints to this folder")
     run.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (--checkpoint-dir)")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run checkpointed in DIR")
@@ -174,7 +183,7 @@ def main(argv=None) -> int:
             for name, entry in BENCHMARKS.items():
                 print(f"{name}: {entry.summary}")
             return 0
-        return run_command(args)
+        return run_cli(args, run_command)  # torchrun / --nproc: fsmtl.distributed
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fsmtl: error: {message}", file=sys.stderr)

@@ -23,12 +23,17 @@ initialized (``torchrun``, ``fsmtl run --nproc N`` or a user's own script):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import shutil
 import socket
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -295,6 +300,77 @@ def spawn(fn: Callable, nprocs: int, args: tuple = (), *, timeout_s: float = 60.
                 p.join(5)
 
 
-def scratch_dir() -> str:
-    """A fresh temporary directory (for results that workers write and the parent reads)."""
-    return tempfile.mkdtemp(prefix="fsmtl-dist-")
+# ------------------------------------------------------------------------------ the command
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = i + 1 < len(argv)
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """``fsmtl run --nproc N``: the same command on N local processes through torch's elastic
+    launcher (``torch.distributed.run``, what ``torchrun --standalone --nproc_per_node N`` runs);
+    each process's output lines carry its rank. Returns the exit code (non-zero if any rank failed)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    args = ["--standalone", f"--nproc_per_node={nproc}", "--tee=3", "-m", "fsmtl", *_without_nproc(argv)]
+    try:
+        torchrun(args)
+    except ChildFailedError as exc:
+        failures = "; ".join(f"rank {f.global_rank}: exit code {f.exitcode}" for f in exc.failures.values())
+        print(f"fsmtl: error: {nproc} processes: {failures}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_cli(args, run_command: Callable) -> int:
+    """``fsmtl run``: launch ``--nproc`` processes, or, inside torchrun (``WORLD_SIZE`` > 1), join the
+    process group and run ``run_command(args)`` with rank 0 alone writing ``--out`` and showing
+    progress (the other ranks write into a temporary folder that is then removed)."""
+    nproc = getattr(args, "nproc", 1) or 1
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if env_world_size() <= 1:
+        if nproc > 1:
+            return launch(nproc, args.argv)
+        return run_command(args)
+    if nproc > 1:
+        raise ValueError("--nproc starts its own processes: do not combine it with torchrun")
+    backend = init_from_env(args.device)
+    scratch = None
+    try:
+        print(f"{rank_prefix()}joined the process group ({backend}, {env_world_size()} processes)", file=sys.stderr)
+        if is_main_process():
+            return run_command(args)
+        # Other ranks: the same work, printing nothing but errors, writing into a scratch folder.
+        scratch = tempfile.mkdtemp(prefix=f"fsmtl-rank{dist.get_rank()}-")
+        args.out, args.no_progress, args.overwrite = Path(scratch) / "out", True, False
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rank 0 shows the same warnings
+            return run_command(args)
+    except Exception as exc:
+        print(f"{rank_prefix()}fsmtl: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise
+    finally:
+        destroy()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_record() -> dict:
+    """``{"distributed": {"world_size": W, "backend": ...}}`` for results.json in a multi-process
+    run; ``{}`` in a single process (whose results stay as they were)."""
+    w = world()
+    return {} if w is None else {"distributed": {"world_size": w[1], "backend": dist.get_backend()}}

@@ -13,6 +13,7 @@ import torch
 import fsmtl_kernels as fk
 
 from .data import Benchmark, Split, load_benchmark
+from .distributed import run_record
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
 from .models import BACKBONES, build_model
@@ -215,6 +216,7 @@ def run_experiment(
         },
         "methods": methods,
         "seconds": time.perf_counter() - started,
+        **run_record(),  # several processes: world_size and backend
     }
 
 
