@@ -6,6 +6,7 @@
 * :func:`masked_grad_average` — ``sum_t S_t * g_t / T`` (or per-entry selected count).
 * :func:`fisher_topk` / :func:`fisher_topk_batched` — Fisher from gradients, then top-K.
 * :func:`linear_fisher` — a Linear layer's Fisher from one batched backward, ``(g*g)^T (a*a)``.
+* :func:`distributed_topk_mask` — exact top-K over scores sharded across ``torch.distributed`` ranks.
 
 Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
 Each op lives in the module of its name (``fsmtl_kernels/<op>.py``: public function, argument
@@ -15,6 +16,7 @@ checks, dispatch and the one ``torch.ops.fsmtl.<op>`` schema), with its kernels 
 
 from ._checks import check_k, resolve_k
 from .backends import BackendUnavailableError, available_backends
+from .distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_batched
 from .fisher_accumulate import fisher_accumulate
 from .fisher_topk import fisher_topk, fisher_topk_batched
 from .linear_fisher import linear_fisher
@@ -30,6 +32,8 @@ __all__ = [
     "PackedMask",
     "available_backends",
     "check_k",
+    "distributed_topk_mask",
+    "distributed_topk_mask_batched",
     "fisher_accumulate",
     "fisher_topk",
     "fisher_topk_batched",
