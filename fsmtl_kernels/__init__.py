@@ -4,6 +4,7 @@
 * :func:`topk_mask` / :func:`topk_mask_batched` — exact top-K over all shared parameters,
   as a bit-packed :class:`PackedMask`.
 * :func:`masked_grad_average` — ``sum_t S_t * g_t / T`` (or per-entry selected count).
+* :func:`masked_accumulate` — ``acc += S_t * g_t`` for one task: the same sum streamed task by task.
 * :func:`fisher_topk` / :func:`fisher_topk_batched` — Fisher from gradients, then top-K.
 * :func:`linear_fisher` — a Linear layer's Fisher from one batched backward, ``(g*g)^T (a*a)``.
 * :func:`distributed_topk_mask` — exact top-K over scores sharded across ``torch.distributed`` ranks.
@@ -20,6 +21,7 @@ from .distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_
 from .fisher_accumulate import fisher_accumulate
 from .fisher_topk import fisher_topk, fisher_topk_batched
 from .linear_fisher import linear_fisher
+from .masked_accumulate import masked_accumulate
 from .masked_grad_average import NORMALIZE_MODES, masked_grad_average
 from .packed_mask import PackedMask, popcount
 from .topk_mask import topk_mask, topk_mask_batched
@@ -38,6 +40,7 @@ __all__ = [
     "fisher_topk",
     "fisher_topk_batched",
     "linear_fisher",
+    "masked_accumulate",
     "masked_grad_average",
     "popcount",
     "resolve_k",

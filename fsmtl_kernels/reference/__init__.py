@@ -1,13 +1,14 @@
 """Plain-PyTorch reference of every op: it defines the semantics the other backends match.
 
 These functions take validated arguments (see the public functions in ``fsmtl_kernels``) and run
-on any device. ``fisher_accumulate``, ``topk_mask`` and ``linear_fisher`` take the arguments of
+on any device. ``fisher_accumulate``, ``topk_mask``, ``linear_fisher`` and ``masked_accumulate`` take the arguments of
 their ``torch.ops.fsmtl`` schema; ``masked_grad_average`` takes the mask's unpacked bool tensors.
 """
 
 from .fisher_accumulate import fisher_accumulate
 from .linear_fisher import linear_fisher
+from .masked_accumulate import masked_accumulate
 from .masked_grad_average import masked_grad_average
 from .topk_mask import topk_mask
 
-__all__ = ["fisher_accumulate", "linear_fisher", "masked_grad_average", "topk_mask"]
+__all__ = ["fisher_accumulate", "linear_fisher", "masked_accumulate", "masked_grad_average", "topk_mask"]

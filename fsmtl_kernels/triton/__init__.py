@@ -19,6 +19,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from . import _utils
 from .fisher_accumulate import _fisher_accumulate_kernel, fisher_accumulate_forward
 from .linear_fisher import linear_fisher_forward
+from .masked_accumulate import masked_accumulate_forward
 from .masked_grad_average import masked_grad_average_forward
 from .topk_mask import topk_mask_forward
 
@@ -28,6 +29,7 @@ is_interpreter = _utils.is_interpreter
 LAUNCHERS = {
     "fisher_accumulate": fisher_accumulate_forward,
     "linear_fisher": linear_fisher_forward,
+    "masked_accumulate": masked_accumulate_forward,
     "masked_grad_average": masked_grad_average_forward,
     "topk_mask": topk_mask_forward,
 }

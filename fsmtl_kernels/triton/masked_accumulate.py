@@ -1,0 +1,77 @@
+"""One task's masked gradient added into running sums (streaming form of paper Eq. 4).
+
+``acc_i += S_task,i * g_i``: the gradient converted to the sum's dtype (fp32 or fp64), times the
+0/1 mask bit (exact), added with one rounding, as the reference does. One launch over all
+parameters (per dtype pair and alignment class). Bytes moved: ``P * itemsize(g)`` and one task's
+mask row (``P / 8``) read, ``P * itemsize(acc)`` read and written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _utils
+
+
+@triton.jit
+def _masked_accumulate_kernel(
+    table_ptr,  # int64 [S, 5]: grad pointer, acc pointer, n, first block, word offset
+    row_ptr,  # int32 [W]: task's row of the packed masks
+    n_segments,  # rows of the table
+    LOG_SEGMENTS: tl.constexpr,
+    G_DTYPE: tl.constexpr,  # gradient element type (fp16/bf16/fp32/fp64)
+    A_DTYPE: tl.constexpr,  # running-sum element type (fp32/fp64)
+    BLOCK: tl.constexpr,  # entries per program, a multiple of 32
+    ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
+):
+    pid = tl.program_id(0).to(tl.int64)
+    seg = _utils.find_segment(table_ptr + 3, 5, n_segments, pid, LOG_SEGMENTS)
+    row = table_ptr + seg * 5
+    g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
+    a_ptr = tl.load(row + 1).to(tl.pointer_type(A_DTYPE))
+    n = tl.load(row + 2)
+    first = tl.load(row + 3)
+    word_off = tl.load(row + 4)
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        n = tl.multiple_of(n, 8)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(row_ptr + word_off + offs // 32, mask=mask, other=0)
+    bit = ((w >> (offs % 32).to(tl.int32)) & 1).to(A_DTYPE)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(A_DTYPE)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    tl.store(a_ptr + offs, a + g * bit, mask=mask)
+
+
+def masked_accumulate_forward(acc, grads, words, word_offsets, task) -> None:
+    """Kernel of ``torch.ops.fsmtl.masked_accumulate`` for CUDA tensors (schema arguments): adds
+    ``grads[i]`` masked by task ``task``'s bits (from word ``word_offsets[i]`` of row ``task`` of
+    ``words``) into ``acc[i]``. A non-contiguous ``acc`` is updated through a contiguous copy."""
+    words = words.contiguous()
+    row = words[task]
+    grads = [g.contiguous() for g in grads]
+    work = _utils.writable(acc, keep_values=True)
+    segments = [
+        _utils.Segment((g.data_ptr(), a.data_ptr()), a.numel(), (offset,), (g.dtype, a.dtype))
+        for g, a, offset in zip(grads, work, word_offsets, strict=True)
+    ]
+    block = _utils.block_size("average", max(a.numel() for a in acc))
+    for launch in _utils.segment_launches(segments, block, words.device):
+        g_dtype, a_dtype = launch.group
+        _masked_accumulate_kernel[(launch.n_blocks,)](
+            launch.table,
+            row,
+            launch.n_segments,
+            G_DTYPE=_utils.TL_DTYPES[g_dtype],
+            A_DTYPE=_utils.TL_DTYPES[a_dtype],
+            **launch.meta,
+        )
+    _utils.copy_back(acc, work)
+
+
+# Opaque to torch.compile, as the other ops (data pointers in the segment table).
+torch.library.register_kernel("fsmtl::masked_accumulate", "cuda", masked_accumulate_forward)
