@@ -8,6 +8,11 @@ train as one process with batch W*B over the same samples.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -15,7 +20,7 @@ from torch import nn
 import fsmtl
 import fsmtl_kernels as fk
 from fsmtl.data import Split, Task
-from fsmtl.distributed import spawn
+from fsmtl.distributed import free_port, spawn
 from fsmtl.strategies import FisherSparse, MaskSchedule
 from fsmtl_kernels.distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_batched, order_keys
 from fsmtl_kernels.packed_mask import unpack_bits
@@ -55,14 +60,18 @@ def _split(n: int = 192) -> Split:
     return Split([x] * 3, ys)
 
 
-def _train(batch_size: int, epochs: int = 3) -> dict:
+def _train(batch_size: int, epochs: int = 3, checkpoint_dir=None, trunk_extra=()) -> dict:
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU())
+    trunk = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), *trunk_extra)
     model = fsmtl.MultiTaskModel(trunk, [nn.Linear(12, k) for k in (1, 1, 3)])
     strategy = FisherSparse(0.3, schedule=MaskSchedule(warmup=1, every=1), samples=64)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     trainer = fsmtl.Trainer(model, TASKS, strategy, opt, seed=3)
-    history = trainer.fit(_split(), epochs=epochs, batch_size=batch_size)
+    if checkpoint_dir is not None:
+        trainer.resume(checkpoint_dir)  # all ranks read what rank 0 wrote
+        epochs -= trainer.epoch
+    history = trainer.fit(_split(), epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=1 if checkpoint_dir is not None else None)  # fmt: skip
     return {
         "loss": history["loss"],
         "params": [p.detach().clone() for p in model.parameters()],
@@ -82,6 +91,11 @@ def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
     a, b = _slices(flat.numel(), size)[rank]
     results["one"] = distributed_topk_mask([flat[a:b]], 0.3).words  # the one-task API, one slice per rank
     results["train"] = _train(per_rank_batch)
+    # Checkpoint after 2 epochs, then fresh models, optimizers and Trainers on every rank resume it.
+    _train(per_rank_batch, epochs=2, checkpoint_dir=f"{out}/ckpt")
+    torch.distributed.barrier()
+    results["resumed"] = _train(per_rank_batch, epochs=3, checkpoint_dir=f"{out}/ckpt")
+    results["ckpt_files"] = sorted(os.listdir(f"{out}/ckpt"))
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -121,6 +135,11 @@ def test_ranks(tmp_path, size, per_rank_batch):
     a = unpack_bits(dist_run["mask"], dist_run["mask"].shape[1] * 32)
     b = unpack_bits(single["mask"], single["mask"].shape[1] * 32)
     assert (a == b).float().mean() >= 0.999
+    resumed = parts[0]["resumed"]  # 2 epochs, checkpoint, fresh Trainers resume for the third
+    for p, q in zip(resumed["params"], dist_run["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert resumed["loss"] == dist_run["loss"] and torch.equal(resumed["mask"], dist_run["mask"])
+    assert parts[0]["ckpt_files"] and all(f.startswith("ckpt-") for f in parts[0]["ckpt_files"])
     n_params = sum(p.numel() for p in single["params"])
     assert dist_run["bytes"] == 4 * n_params  # one all-reduce of shared + head gradients, not T times
 
@@ -136,3 +155,53 @@ def test_order_keys_preserve_float_order():
     keys = order_keys(x)
     assert keys[3] == keys[4]
     assert bool((keys[1:] >= keys[:-1]).all()) and bool((keys[1:4] > keys[:3]).all())
+
+
+class _FailAt(nn.Module):
+    """Identity that raises on rank 1 at its ``step``-th training forward."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.calls = step, 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("RANK") == "1":
+            self.calls += 1
+            if self.calls == self.step:
+                raise RuntimeError("injected failure on rank 1")
+        return x
+
+
+def _fault_worker() -> None:
+    """Run by the fault test in each rank's own ``python`` process (env: torchrun's variables)."""
+    from fsmtl.distributed import init_from_env
+
+    init_from_env("cpu")
+    _train(32, trunk_extra=(_FailAt(5),))
+
+
+def test_a_rank_that_raises_stops_the_others(tmp_path):
+    """Rank 1 raises mid-training; rank 0, blocked in a collective, exits non-zero with an error
+    naming the failed collective well within 60 s (no hang)."""
+    port = free_port()
+    here = os.path.dirname(__file__)
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_distributed as t; t._fault_worker()"
+    procs = []
+    start = time.monotonic()
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), FSMTL_DIST_TIMEOUT="20", OMP_NUM_THREADS="1")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True))
+    errors = []
+    try:
+        for p in procs:
+            errors.append(p.communicate(timeout=60)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    elapsed = time.monotonic() - start
+    assert "injected failure on rank 1" in errors[1]
+    assert procs[1].returncode != 0 and procs[0].returncode != 0, errors[0][-2000:]
+    assert elapsed < 60
+    assert "Error" in errors[0]  # gloo's error on rank 0 (peer closed / timeout), not a silent exit
