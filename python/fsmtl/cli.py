@@ -1,9 +1,19 @@
-"""The ``fsmtl`` command: ``fsmtl run`` reproduces the paper's comparison on a benchmark."""
+"""The ``fsmtl`` command: ``fsmtl run`` reproduces the paper's comparison on a benchmark;
+``fsmtl benchmarks`` lists the benchmarks and their options; ``fsmtl info`` describes the install.
+
+Everything ``fsmtl run`` can check before training (names, ``-o`` values, the methods' packages,
+the output directory) is checked first: a misuse ends with one ``fsmtl: error: ...`` line and exit
+code 2 before anything trains. SIGINT/SIGTERM stop after the current step, the finished runs'
+results are written, and the command exits with code 130 (see :func:`run_command`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,15 +42,10 @@ def _option(text: str) -> tuple[str, str]:
     return key, value
 
 
-def _parse_value(value: str):
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    return value
+def _version() -> str:
+    from .info import package_version
+
+    return f"fsmtl (fsmtl-kernels) {package_version('fsmtl-kernels') or 'unknown version'}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ExperimentConfig()
     parser = argparse.ArgumentParser(prog="fsmtl", description="Fisher Sparse Multi-Task Learning (AAAI-24).")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench_help = "; ".join(f"{k}: {v.summary}" for k, v in BENCHMARKS.items())
+    bench_help = ", ".join(BENCHMARKS) + "; fsmtl benchmarks lists them with their options"
     run = sub.add_parser(
         "run",
         help="train and compare methods on a benchmark",
@@ -64,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "results.csv, table.txt and figures to --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    run.add_argument("--benchmark", default=d.benchmark, help=f"benchmark name ({bench_help})")
+    run.add_argument("--benchmark", default=d.benchmark, help=f"benchmark name: {bench_help}")
     run.add_argument(
         "--option",
         "-o",
@@ -72,20 +78,29 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="benchmark option or data path, e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist",
+        help="benchmark option or data path, typed and checked against the benchmark's options (fsmtl "
+        "benchmarks lists them), e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist; repeatable",
     )
     run.add_argument(
-        "--methods", type=_csv(str), default=list(d.methods), help=f"comma-separated subset of {tuple(METHODS)}"
+        "--methods",
+        type=_csv(str),
+        default=",".join(d.methods),
+        help=f"comma-separated methods, any of: {', '.join(METHODS)}",
     )
-    run.add_argument("--seeds", type=_csv(int), default=list(d.seeds), help="comma-separated seeds")
+    run.add_argument(
+        "--seeds",
+        type=_csv(int),
+        default=",".join(map(str, d.seeds)),
+        help="comma-separated seeds (model initialisation, batch order, mask sampling; the data split is fixed)",
+    )
     run.add_argument(
         "--keep-ratios",
         type=_csv(float),
-        default=list(d.keep_ratios),
-        help="grid of keep ratios p for the sparse methods, chosen on validation",
+        default=",".join(f"{p:g}" for p in d.keep_ratios),
+        help="comma-separated grid of keep ratios p in (0, 1] for the sparse methods, the best chosen on validation",
     )
-    run.add_argument("--epochs", type=int, default=d.epochs)
-    run.add_argument("--batch-size", type=int, default=d.batch_size)
+    run.add_argument("--epochs", type=int, default=d.epochs, help="training epochs per run")
+    run.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per task per step")
     run.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     run.add_argument("--hidden", type=int, default=d.hidden, help="trunk width")
     run.add_argument("--warmup", type=int, default=d.warmup, help="dense warm-up epochs before the first mask")
@@ -112,8 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's settings for a benchmark (model, batch, optimiser, epochs; sources in fsmtl.presets); "
         "add the data paths with -o; options given here win",
     )
-    run.add_argument("--out", type=Path, default=Path("fsmtl-results"), help="output folder")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("fsmtl-results"),
+        help="output folder (created if missing; one holding another run's results is refused unless --overwrite)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (its results, table and figures are deleted first)",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress (by default one bar per run on a terminal, plain lines in a log file)",
+    )
     run.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision of the forward pass")
     run.add_argument(
         "--nproc",
@@ -122,48 +151,114 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on this many local processes (torch.distributed, gloo on CPU, NCCL on CUDA; the same as "
         "torchrun --standalone --nproc_per_node N -m fsmtl run ...); --batch-size is per process",
     )
-    run.add_argument("--checkpoint-dir", type=Path, default=None, help="write resumable checkpoints to this folder")
+    run.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="write resumable checkpoints and each finished run's result to this folder",
+    )
     run.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (--checkpoint-dir)")
-    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue the run checkpointed in DIR")
-    sub.add_parser("benchmarks", help="list the built-in benchmarks")
+    run.add_argument(
+        "--resume", type=Path, default=None, metavar="DIR", help="continue the run checkpointed in DIR (its settings)"
+    )
+    sub.add_parser("benchmarks", help="list the benchmarks with their options, types and defaults")
+    sub.add_parser("info", help="print versions, backends, the C++ extension's build status and thread settings")
     return parser
 
 
-def run_command(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .experiment import ExperimentConfig, run_experiment
-    from .report import format_table, plot_figures, write_csv, write_json
-
-    # Every option but --option/--out/--no-progress is named like an ExperimentConfig field.
-    settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
-    settings["benchmark_options"] = {k: _parse_value(v) for k, v in args.option}
+def _resolve(args) -> tuple:
+    """Settings, checkpoint store, loaded benchmark and the old output files to clear: every check
+    that can run before training, in an order where a failure leaves nothing behind."""
+    from .experiment import ExperimentConfig
+    from .preflight import check_benchmark, check_output, check_writable_dir, parse_options
     from .presets import resolve_settings
-    from .resume import explicit_options, interrupted, prepare, stop_on_signals
+    from .resume import RUN_FILE, explicit_options, prepare
 
+    # Every option but --option/--out/--no-progress/--overwrite is named like an ExperimentConfig field.
+    settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
     given = explicit_options(build_parser(), args.argv)
+    settings["benchmark_options"] = {}
     settings = resolve_settings(settings, given, args.preset)  # --preset, then the benchmark's run defaults
+    benchmark = settings["benchmark"]
+    if args.resume is not None and "benchmark" not in given and (args.resume / RUN_FILE).is_file():
+        benchmark = json.loads((args.resume / RUN_FILE).read_text()).get("benchmark", benchmark)
+    check_benchmark(benchmark)
+    settings["benchmark_options"] = {**settings["benchmark_options"], **parse_options(benchmark, args.option)}
+    if args.resume is None:
+        ExperimentConfig(**settings)  # validate before the checkpoint directory is written
+        check_output(args.out, overwrite=args.overwrite)
+        if args.checkpoint_dir is not None:
+            check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     explicit = given if args.resume is not None else set()
     settings, store = prepare(args, settings, explicit)  # --resume: the saved settings; sets args.out
     cfg = ExperimentConfig(**settings)
+    from .data import load_benchmark
 
-    def progress(total: int):
-        return tqdm(total=total, desc="fsmtl run", unit="step", disable=args.no_progress, file=sys.stderr)
+    data = load_benchmark(cfg.benchmark, **cfg.benchmark_options)
+    old = check_output(args.out, overwrite=args.overwrite, resume=args.resume is not None)
+    return cfg, store, data, old
 
+
+def _write_partial(args, cfg, stop) -> Path:
+    """``--out/partial-results.json``: the finished runs' metrics, the run that was stopped, settings."""
+    from .checkpoint import atomic_write_text
+    from .info import environment
+    from .preflight import PARTIAL_RESULTS
+    from .resume import _jsonable
+
+    partial = {
+        "interrupted": str(stop) or type(stop).__name__,
+        "interrupted_run": getattr(stop, "interrupted_run", None),
+        "finished_runs": getattr(stop, "finished_runs", []),
+        "config": _jsonable(vars(cfg)),
+        "command": args.command_line,
+        "environment": environment(cfg.device),
+    }
+    return atomic_write_text(json.dumps(partial, indent=1), args.out / PARTIAL_RESULTS)
+
+
+def run_command(args) -> int:
+    """``fsmtl run``: checks, then the experiment, then the results in ``--out``.
+
+    On SIGINT/SIGTERM the current step finishes, the finished runs are written to
+    ``--out/partial-results.json`` (and with ``--checkpoint-dir`` the interrupted run is
+    checkpointed, so ``--resume`` continues it), one line says what was kept, and the exit code is 130.
+    """
     from .checkpoint import TrainingInterrupted
+    from .experiment import run_experiment
+    from .preflight import PARTIAL_RESULTS, clear_output
+    from .progress import Progress
+    from .report import format_table, plot_figures, write_csv, write_json
+    from .resume import interrupted, stop_on_signals
 
-    with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step, checkpoint, exit 130
+    cfg, store, data, old = _resolve(args)
+    clear_output(old)  # --overwrite: the earlier run's files go before this run writes any
+    progress = None
+    if not args.no_progress:
+        progress = Progress(
+            sum(len(cfg.seeds) * (len(cfg.keep_ratios) if _sparse(m) else 1) for m in cfg.methods), stream=sys.stderr
+        )
+    with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step (checkpoint with --checkpoint-dir)
         try:
-            results = run_experiment(cfg, progress_factory=progress, store=store)
-        except TrainingInterrupted as stop:
-            print(interrupted(store, stop), file=sys.stderr)
+            results = run_experiment(cfg, benchmark=data, progress=progress, store=store)
+        except (TrainingInterrupted, KeyboardInterrupt) as stop:
+            path = _write_partial(args, cfg, stop)
+            kept = len(getattr(stop, "finished_runs", []))
+            where = f"stopped during {stop.interrupted_run}" if getattr(stop, "interrupted_run", None) else "stopped"
+            if store is not None:
+                interrupted(store, stop)  # DIR/partial-results.json, as issue 11 wrote it
+                how = f"continue with: fsmtl run --resume {store.directory}"
+            else:
+                how = "no --checkpoint-dir, so a new run starts over (add --checkpoint-dir DIR to make runs resumable)"
+            print(f"fsmtl: interrupted ({where}); {kept} finished run(s) kept in {path}; {how}", file=sys.stderr)
             return 130
-    args.out.mkdir(parents=True, exist_ok=True)
+    results["command"] = args.command_line
     table = format_table(results)
     (args.out / "table.txt").write_text(table + "\n")
     write_json(results, args.out / "results.json")
     write_csv(results, args.out / "results.csv")
     figures = plot_figures(results, args.out)
+    (args.out / PARTIAL_RESULTS).unlink(missing_ok=True)  # superseded by the complete results
     print(table)
     print(
         f"\n{results['seconds']:.0f} s; wrote {args.out}/results.json, results.csv, table.txt, "
@@ -172,22 +267,53 @@ def run_command(args) -> int:
     return 0
 
 
+def _sparse(method: str) -> bool:
+    from .strategies import METHODS
+
+    return METHODS[method].sparse
+
+
+def benchmarks_command() -> int:
+    """``fsmtl benchmarks``: each benchmark, what it is, and its options with types and defaults."""
+    from .data import BENCHMARKS
+    from .preflight import option_specs
+
+    for name, entry in BENCHMARKS.items():
+        print(f"{name}{' (local files)' if entry.local_files else ''}: {entry.description}")
+        for spec in option_specs(entry):
+            print(f"    -o {spec.describe()}")
+        for key, value in entry.run_defaults.items():
+            print(f"    run default: {key} = {value}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"fsmtl: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell given options from defaults (--resume)
+    args.command_line = shlex.join(["fsmtl", *args.argv])
     try:
         if args.command == "benchmarks":
-            from .data import BENCHMARKS
+            return benchmarks_command()
+        if args.command == "info":
+            from .info import report
 
-            for name, entry in BENCHMARKS.items():
-                print(f"{name}: {entry.summary}")
+            print(report())
             return 0
-        return run_cli(args, run_command)  # torchrun / --nproc: fsmtl.distributed
+        with warnings.catch_warnings():
+            warnings.formatwarning = _one_line_warning  # "fsmtl: warning: ..." instead of file:line
+            return run_cli(args, run_command)  # torchrun / --nproc: fsmtl.distributed
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"fsmtl: error: {message}", file=sys.stderr)
+        print(f"fsmtl: error: {str(message).splitlines()[0] if str(message) else type(exc).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fsmtl: interrupted outside training (while checking, loading data or writing results)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

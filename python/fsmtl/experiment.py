@@ -3,20 +3,25 @@ seeds, keep ratio chosen on validation, results on test (Tables 1-2)."""
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 import fsmtl_kernels as fk
 
+from . import checkpoint as ckpt
 from .data import Benchmark, Split, load_benchmark
 from .distributed import run_record
+from .info import environment
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
 from .models import BACKBONES, build_model
+from .preflight import check_methods
 from .strategies import METHODS, MaskSchedule, Method, MethodOptions, get_method
 from .tasks import task_kind
 from .trainer import Trainer
@@ -45,13 +50,7 @@ class ExperimentConfig:
     amp: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {tuple(METHODS)}, got unknown {unknown}")
-        for name in self.methods:
-            missing = METHODS[name].missing_packages()
-            if missing:
-                raise ValueError(f'method {name!r} needs {", ".join(missing)}: pip install -e ".[peers]" installs them')
+        check_methods(self.methods)  # known names, optional packages installed
         if self.model not in BACKBONES:
             raise ValueError(f"model must be one of {BACKBONES}, got {self.model!r}")
         if not self.seeds:
@@ -73,6 +72,23 @@ class ExperimentConfig:
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as exc:
             raise ValueError(f"device={self.device!r} is not usable here: {exc}") from None
+
+
+MIN_TEST_EXAMPLES = 50
+"""Below this many test examples for a task, its metrics say little (one example moves accuracy by
+2% or more); :func:`split_warnings` says so."""
+
+
+def split_warnings(benchmark: Benchmark, minimum: int = MIN_TEST_EXAMPLES) -> list[str]:
+    """One message per task whose test split is too small for its metrics to mean much."""
+    messages = []
+    for task, n in zip(benchmark.tasks, benchmark.test.sizes):
+        if n < minimum:
+            messages.append(
+                f"task {task.name!r} of {benchmark.name!r} has only {n} test example(s) (< {minimum}): its test "
+                "metrics and their std over seeds are not meaningful"
+            )
+    return messages
 
 
 def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> float:
@@ -134,6 +150,8 @@ def _train_model(
     torch.manual_seed(seed)
     model = build_model(benchmark, hidden=cfg.hidden, backbone=cfg.model).to(cfg.device)
     strategy = spec.build(method_options(keep_ratio, cfg))
+    if progress is not None and hasattr(progress, "phase"):
+        _show_phases(strategy, progress)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     trainer = Trainer(
         model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed, amp=cfg.amp
@@ -144,6 +162,8 @@ def _train_model(
         )
     else:
         history = trainer.fit(benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, progress=progress)
+    if progress is not None and hasattr(progress, "phase"):
+        progress.phase("evaluation")
     result = {"val": trainer.evaluate(benchmark.val), "test": trainer.evaluate(benchmark.test), "history": history}
     mask = getattr(strategy, "mask", None)
     if mask is not None:
@@ -160,6 +180,28 @@ def _train_model(
     return store.finish(run_dir, result) if store is not None else result
 
 
+def _show_phases(strategy, bar) -> None:
+    """Make ``bar`` show the run's phase: warm-up (a sparse method before its first mask), mask
+    update (while one is computed) or training."""
+    on_step = strategy.on_step
+    schedule = getattr(strategy, "schedule", None)
+
+    def on_step_with_phase(epoch: int, step: int, epoch_start: bool):
+        if schedule is not None and schedule.due(epoch, step, epoch_start):
+            bar.phase("mask update")
+        record = on_step(epoch, step, epoch_start)
+        warm = schedule is not None and getattr(strategy, "mask", None) is None
+        bar.phase("warm-up" if warm else "training")
+        return record
+
+    strategy.on_step = on_step_with_phase
+
+
+def run_label(method: str, seed: int, keep_ratio: float) -> str:
+    """How progress and interrupt messages name one run."""
+    return f"{method} seed {seed}" + (f" p={keep_ratio:g}" if METHODS[method].sparse else "")
+
+
 def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
     sizes = benchmark.train.sizes
     if get_method(method).single_task:
@@ -171,7 +213,7 @@ def run_experiment(
     cfg: ExperimentConfig,
     *,
     benchmark: Benchmark | None = None,
-    progress_factory: Callable[[int], object] | None = None,
+    progress=None,
     store=None,
 ) -> dict:
     """Run every method of ``cfg`` over its seeds (and keep ratios for the sparse ones).
@@ -179,28 +221,47 @@ def run_experiment(
     For a sparse method, each keep ratio is trained with every seed, the ratio with the best
     mean validation score (mean over tasks of F-score / mIoU / -abs. error / -MSE) is kept, and
     its test metrics are reported. Returns a JSON-ready dict.
+
+    ``progress``: a :class:`fsmtl.progress.Progress` (one bar per run). A stop request
+    (SIGINT/SIGTERM under :func:`fsmtl.resume.stop_on_signals`) or a ``KeyboardInterrupt`` is
+    re-raised with ``finished_runs`` (the runs done so far: method, seed, keep ratio, val and test
+    metrics) and ``interrupted_run`` (the label of the run it stopped) attached.
     """
     benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
-    total = sum(
-        steps_per_run(benchmark, m, cfg) * len(cfg.seeds) * (len(cfg.keep_ratios) if METHODS[m].sparse else 1)
-        for m in cfg.methods
-    )
-    progress = progress_factory(total) if progress_factory is not None else None
+    notes = split_warnings(benchmark)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    started_at = datetime.datetime.now(datetime.timezone.utc)
     started = time.perf_counter()
     methods = {}
+    finished_runs = []
+    label = None
     try:
         for method in cfg.methods:
             ratios = list(cfg.keep_ratios) if METHODS[method].sparse else [1.0]
             candidates = {}
             for p in ratios:
-                runs = [train_once(benchmark, method, s, p, cfg, progress, store) for s in cfg.seeds]
+                runs = []
+                for s in cfg.seeds:
+                    label = run_label(method, s, p)
+                    bar = progress.run(label, steps_per_run(benchmark, method, cfg)) if progress is not None else None
+                    try:
+                        run = train_once(benchmark, method, s, p, cfg, bar, store)
+                    finally:
+                        if bar is not None:
+                            bar.close()
+                    runs.append(run)
+                    finished_runs.append(
+                        {"method": method, "seed": s, "keep_ratio": p, "val": run["val"], "test": run["test"]}
+                    )
                 val = statistics.mean(primary_score(benchmark, r["val"]) for r in runs)
                 candidates[p] = {"val_score": val, "runs": runs}
             best = max(candidates, key=lambda p: candidates[p]["val_score"])
             methods[method] = _summarize(method, best, candidates, benchmark)
-    finally:
-        if progress is not None and hasattr(progress, "close"):
-            progress.close()
+    except (ckpt.TrainingInterrupted, KeyboardInterrupt) as stop:
+        stop.finished_runs = finished_runs
+        stop.interrupted_run = label
+        raise
     # As in the paper, single-task models are a reference, not ranked among the multi-task methods.
     ranked = {m: r["test_mean"] for m, r in methods.items() if not METHODS[m].single_task}
     ranks = average_rank(ranked) if len(ranked) > 1 else {m: 1.0 for m in ranked}
@@ -215,6 +276,10 @@ def run_experiment(
             "sizes": {s: getattr(benchmark, s).sizes for s in ("train", "val", "test")},
         },
         "methods": methods,
+        "warnings": notes,
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "ended_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(cfg.device),
         "seconds": time.perf_counter() - started,
         **run_record(),  # several processes: world_size and backend
     }
@@ -231,17 +296,44 @@ def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark)
         {n: statistics.mean(r["test"][t][n] for r in runs) for n in runs[0]["test"][t]}
         for t in range(len(benchmark.tasks))
     ]
+    per_task_std = [
+        {n: statistics.pstdev(r["test"][t][n] for r in runs) for n in runs[0]["test"][t]}
+        for t in range(len(benchmark.tasks))
+    ]
     out = {
         "keep_ratio": best if sparse else None,
         "val_scores": {str(p): c["val_score"] for p, c in candidates.items()},
         "test_mean": mean,
         "test_std": std,
         "test_per_task": per_task,
+        "test_per_task_std": per_task_std,
         "test_per_seed": per_seed,
+        "test_per_seed_per_task": [r["test"] for r in runs],
         "mask_updates": [r["history"]["mask_updates"] for r in runs] if sparse else [],
         # False when the warm-up covered the whole run: the "sparse" rows are then plain MTL.
         "mask_used": any(r["history"]["mask_updates"] for r in runs) if sparse else None,
     }
     if sparse:
-        out["mask"] = runs[0].get("mask")
+        out["mask"] = _mask_summary([r.get("mask") for r in runs], best)
+    return out
+
+
+def random_mask_overlap(keep_ratio: float) -> float:
+    """Expected Jaccard index of two independent uniformly random masks each keeping a share p of
+    the entries (many entries): |A n B| ~ p^2 P, |A u B| ~ (2p - p^2) P, so p / (2 - p)."""
+    return keep_ratio / (2.0 - keep_ratio)
+
+
+def _mask_summary(masks: list, keep_ratio: float) -> dict | None:
+    """The final masks of a sparse method's runs (one per seed): task-by-task overlap averaged over
+    the seeds (with its std and the overlap random masks would have), sizes of the first seed."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    overlaps = torch.tensor([m["overlap"] for m in masks], dtype=torch.float64)
+    out = dict(masks[0])
+    out["overlap"] = overlaps.mean(0).tolist()
+    out["overlap_std"] = overlaps.std(0, unbiased=False).tolist()
+    out["overlap_seeds"] = len(masks)
+    out["random_overlap"] = random_mask_overlap(keep_ratio) if isinstance(keep_ratio, float) else None
     return out

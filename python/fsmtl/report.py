@@ -31,7 +31,7 @@ def format_table(results: dict) -> str:
     rows = [header]
     for method, r in results["methods"].items():
         p = "-" if _single_task(method) else "100%" if r["keep_ratio"] is None else f"{r['keep_ratio']:.0%}"
-        cells = [f"{r['test_mean'][n]:.4f} +- {r['test_std'][n]:.4f}" for n in names]
+        cells = [f"{r['test_mean'][n]:.4f} +- {_std(r['test_std'][n])}" for n in names]
         rank = "-" if r.get("avg_rank") is None else f"{r['avg_rank']:.2f}"
         rows.append([_label(method), p, *cells, rank])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -42,7 +42,37 @@ def format_table(results: dict) -> str:
         f"{bench['name']}: {len(bench['tasks'])} tasks, test set, mean +- std over "
         f"{len(results['config']['seeds'])} seeds (^ higher is better, v lower)"
     )
-    return "\n".join([title, *lines])
+    notes = [f"warning: {w}" for w in results.get("warnings", [])]
+    return "\n".join([title, *lines, *paired_lines(results), *notes])
+
+
+def _std(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def paired_lines(results: dict) -> list[str]:
+    """The protocol and, per method, its paired tests against MTL and FS over the reported seeds
+    (empty for results without them)."""
+    protocol = results.get("protocol")
+    if protocol is None:
+        return []
+    from .stats import format_p
+
+    seeds = ",".join(map(str, protocol["seeds"]))
+    lines = [
+        "",
+        f"std: sample std (ddof=1) over the reported seeds {seeds}; keep ratios chosen on validation with "
+        f"seeds {','.join(map(str, protocol['select_seeds']))}",
+        "paired tests of the per-seed score (mean primary metric over tasks), two-sided: p of t-test / Wilcoxon",
+    ]
+    for method, r in results["methods"].items():
+        cells = []
+        for key, test in r.get("paired", {}).items():
+            wins = f"{test['wins']}/{test['n']} seeds better"
+            cells.append(f"{key.replace('_', ' ')}: {format_p(test['ttest'])} / {format_p(test['wilcoxon'])} ({wins})")
+        if cells:
+            lines.append(f"  {_label(method)}: " + "; ".join(cells))
+    return lines
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -50,22 +80,46 @@ def write_json(results: dict, path: Path) -> None:
 
 
 def write_csv(results: dict, path: Path) -> None:
-    """One row per method and task (test means), plus the task average."""
+    """Test metrics, one row per (method, statistic, task): ``statistic`` is ``mean`` or ``std``
+    over the seeds, or ``seed`` with the seed in ``seed``; ``task`` is a task's name or ``average``
+    (the mean over tasks, as in the table). ``keep_ratio`` is the one chosen on validation (empty
+    for dense methods); ``avg_rank`` is on the mean rows of the average."""
     tasks = [t["name"] for t in results["benchmark"]["tasks"]]
     names = _metric_names(results)
+    seeds = results["config"]["seeds"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "keep_ratio", "task", *names, "avg_rank"])
-        for method, r in results["methods"].items():
-            for task, metrics in zip(tasks, r["test_per_task"]):
-                writer.writerow([method, r["keep_ratio"], task, *[metrics.get(n, "") for n in names], ""])
+        writer.writerow(["method", "keep_ratio", "statistic", "seed", "task", *names, "avg_rank"])
+
+        def row(method, r, statistic, seed, task, metrics, rank=""):
             writer.writerow(
-                [method, r["keep_ratio"], "average", *[r["test_mean"][n] for n in names], r.get("avg_rank")]
+                [method, r["keep_ratio"], statistic, seed, task, *[metrics.get(n, "") for n in names], rank]
             )
+
+        for method, r in results["methods"].items():
+            rank = "" if r.get("avg_rank") is None else r["avg_rank"]
+            for task, metrics in zip(tasks, r["test_per_task"]):
+                row(method, r, "mean", "", task, metrics)
+            row(method, r, "mean", "", "average", r["test_mean"], rank)
+            for task, metrics in zip(tasks, r.get("test_per_task_std", [])):
+                row(method, r, "std", "", task, metrics)
+            row(method, r, "std", "", "average", r["test_std"])
+            per_task = r.get("test_per_seed_per_task", [])
+            for i, seed in enumerate(seeds):
+                for task, metrics in zip(tasks, per_task[i] if i < len(per_task) else []):
+                    row(method, r, "seed", seed, task, metrics)
+                row(method, r, "seed", seed, "average", r["test_per_seed"][i])
+
+
+def _bounded(metric: str) -> bool:
+    """Metrics that live in [0, 1] (accuracies, F-scores, IoU), plotted on a full 0-1 axis."""
+    return METRIC_DIRECTION.get(metric, True)
 
 
 def plot_figures(results: dict, out_dir: Path) -> list[Path]:
-    """Per-task primary metric per method (bars), and the task-by-task mask overlap of FS."""
+    """Per-task primary metric per method (bars: mean over seeds, error bars: std over seeds, on an
+    axis from 0), and for each sparse method the task-by-task mask overlap averaged over the seeds,
+    with the overlap random masks would have marked on the colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,21 +128,30 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
 
     paths = []
     tasks = [t["name"] for t in results["benchmark"]["tasks"]]
+    n_seeds = len(results["config"]["seeds"])
     metric = "f1" if "f1" in _metric_names(results) else _metric_names(results)[0]
     methods = list(results["methods"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(tasks) * len(methods) / 3), 4))
     width = 0.8 / len(methods)
     x = np.arange(len(tasks))
-    lowest = 1.0
     for i, m in enumerate(methods):
-        vals = [pt.get(metric, np.nan) for pt in results["methods"][m]["test_per_task"]]
-        lowest = min(lowest, float(np.nanmin(vals)))
-        ax.bar(x + i * width, vals, width, label=_label(m))
-    if METRIC_DIRECTION.get(metric, True) and 0.0 <= lowest <= 1.0:
-        ax.set_ylim(max(0.0, lowest - 0.05), 1.0)  # zoom in: the differences between methods are small
+        r = results["methods"][m]
+        vals = [pt.get(metric, np.nan) for pt in r["test_per_task"]]
+        errs = [pt.get(metric, np.nan) for pt in r.get("test_per_task_std", [{}] * len(tasks))]
+        errs = [np.nan if e is None else e for e in errs]  # one seed: no std
+        label = _label(m) + ("" if r["keep_ratio"] is None else f" (p={r['keep_ratio']:g})")
+        ax.bar(x + i * width, vals, width, yerr=errs, capsize=2, label=label)
+    if _bounded(metric):
+        ax.set_ylim(0.0, 1.0)  # the whole range: differences show against the error bars, not a cut axis
+    else:
+        ax.set_ylim(bottom=0.0)
     ax.set_xticks(x + width * (len(methods) - 1) / 2, tasks, rotation=30, ha="right")
-    ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"{results['benchmark']['name']}: per-task {metric}")
+    ax.set_ylabel(f"test {metric} ({'higher' if METRIC_DIRECTION.get(metric, True) else 'lower'} is better)")
+    ax.set_title(
+        f"{results['benchmark']['name']}: test {metric} per task\n"
+        f"bars: mean over {n_seeds} seed(s), error bars: std over seeds",
+        fontsize="medium",
+    )
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     paths.append(out_dir / f"per_task_{metric}.png")
@@ -96,15 +159,28 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
     plt.close(fig)
     sparse = [m for m in methods if (results["methods"][m].get("mask") or {}).get("overlap")]
     for m in sparse:
-        overlap = np.array(results["methods"][m]["mask"]["overlap"])
-        fig, ax = plt.subplots(figsize=(1 + 0.6 * len(tasks), 0.6 * len(tasks) + 0.8))
+        mask = results["methods"][m]["mask"]
+        overlap = np.array(mask["overlap"])
+        seeds = mask.get("overlap_seeds", 1)
+        random = mask.get("random_overlap")
+        fig, ax = plt.subplots(figsize=(2 + 0.6 * len(tasks), 0.6 * len(tasks) + 1.2))
         im = ax.imshow(overlap, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
         ax.set_yticks(range(len(tasks)), tasks)
         for (i, j), v in np.ndenumerate(overlap):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=7)
-        ax.set_title(f"{_label(m)} mask overlap (Jaccard), p={results['methods'][m]['keep_ratio']:.0%}")
-        fig.colorbar(im, ax=ax)
+        p = results["methods"][m]["keep_ratio"]
+        reference = "" if random is None else f"; random masks: {random:.2f}"
+        ax.set_title(
+            f"{_label(m)} final masks, p={p:g}: Jaccard overlap,\nmean over {seeds} seed(s){reference}",
+            fontsize="medium",
+        )
+        bar = fig.colorbar(im, ax=ax)
+        if random is not None:
+            bar.ax.axhline(random, color="red", linewidth=2)
+            bar.ax.text(
+                1.1, random, "random", color="red", va="center", fontsize=7, transform=bar.ax.get_yaxis_transform()
+            )
         fig.tight_layout()
         paths.append(out_dir / f"overlap_{m}.png")
         fig.savefig(paths[-1], dpi=120)
