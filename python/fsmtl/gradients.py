@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -46,6 +48,129 @@ def per_task_gradients(
     return out
 
 
+def _dense_split(
+    losses: list[torch.Tensor], dense: list[torch.Tensor], boundary: Sequence[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Split ``dense`` into (below, above, cut): ``below`` are the dense parameters the losses reach
+    only through the ``boundary`` activations ``cut``; ``above`` the rest.
+
+    A walk of the autograd graph from the losses that stops at the boundary tensors' edges (by
+    node and output index, so a multi-output node's other outputs are still followed): a dense
+    parameter met on the walk has a path to some loss that bypasses the boundary and stays
+    ``above``. Parameters ``below`` get their gradient from the boundary's gradient alone, which
+    is then exact (every path from them to a loss crosses the boundary).
+    """
+    cut = [b for b in boundary if isinstance(b, torch.Tensor) and b.grad_fn is not None]
+    if not dense or not cut:
+        return [], dense, []
+    stops: dict[torch.autograd.graph.Node, set[int]] = {}
+    for b in cut:
+        stops.setdefault(b.grad_fn, set()).add(b.output_nr)
+    reached: set[int] = set()
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            reached.add(id(variable))
+        for nxt, nr in node.next_functions:
+            if nxt is not None and not (nxt in stops and nr in stops[nxt]):
+                stack.append(nxt)
+    below = [p for p in dense if id(p) not in reached]
+    if not below:
+        return [], dense, []
+    return below, [p for p in dense if id(p) in reached], cut
+
+
+def _selected_count(mask: fk.PackedMask, dtype: torch.dtype, backend: str) -> list[torch.Tensor]:
+    """Per entry, the number of tasks whose mask holds it (``dtype`` tensors shaped like the
+    parameters), streamed task by task with :func:`fsmtl_kernels.masked_accumulate` and cached per
+    mask object: no ``[T, P]`` tensor."""
+    key = (id(mask), dtype)
+    hit = _COUNTS.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    counts = [torch.zeros(s, dtype=dtype, device=mask.device) for s in mask.shapes]
+    ones = [torch.ones(s, dtype=dtype, device=mask.device) for s in mask.shapes]
+    for t in range(mask.num_tasks):
+        fk.masked_accumulate(counts, ones, mask, t, backend=backend)
+    if len(_COUNTS) >= 4:
+        _COUNTS.pop(next(iter(_COUNTS)))
+    _COUNTS[key] = (weakref.ref(mask), counts)
+    return counts
+
+
+_COUNTS: dict[tuple, tuple] = {}
+
+#: The mode ``batched="auto"`` measured, per (input parameters, T, device).
+_CHOICE: dict[tuple, bool] = {}
+
+
+def _task_rows(losses: list[torch.Tensor], inputs: list[torch.Tensor], batched: bool, chunk: int):
+    """Yield ``(t, grads of loss t w.r.t. inputs)`` for every task, None for unreached inputs.
+
+    Sequential: one ``autograd.grad`` per task (the floor: T backward passes). Batched: chunks of
+    ``chunk`` tasks as one batched vector-Jacobian product (``is_grads_batched``), so at most
+    ``chunk x len(inputs)`` gradient entries exist at once. The graph is kept.
+    """
+    num_tasks = len(losses)
+    if not batched:
+        for t, loss in enumerate(losses):
+            yield t, torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        return
+    stacked = torch.stack([loss.reshape(()) for loss in losses])
+    eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
+    for start in range(0, num_tasks, chunk):
+        rows = torch.autograd.grad(
+            stacked,
+            inputs,
+            grad_outputs=eye[start : start + chunk],
+            is_grads_batched=True,
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for r in range(min(chunk, num_tasks - start)):
+            yield start + r, [g[r] if g is not None else None for g in rows]
+
+
+class _Sums:
+    """Running sums of one step: masked parameters through :func:`fsmtl_kernels.masked_accumulate`,
+    everything else (dense above the boundary, heads, the boundary's gradient) by ``add_``."""
+
+    def __init__(self, masked, others, mask, backend):
+        self.mask, self.backend = mask, backend
+        self.masked = [_accumulator(p) for p in masked]
+        self.others = [torch.zeros_like(p) for p in others]
+        self.others_seen = [False] * len(others)
+
+    def add(self, t: int, grads) -> None:
+        n = len(self.masked)
+        rows = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:n], self.masked)]
+        if self.mask is not None:
+            fk.masked_accumulate(self.masked, rows, self.mask, t, backend=self.backend)
+        else:
+            for a, g in zip(self.masked, rows):
+                a.add_(g)
+        for i, g in enumerate(grads[n:]):
+            if g is not None:
+                self.others[i].add_(g)
+                self.others_seen[i] = True
+
+
+def _accumulator(p: torch.Tensor) -> torch.Tensor:
+    """A zeroed running sum for ``p``: its ``.grad`` when that can hold the sum (float32/float64,
+    contiguous, p's shape), else a new float32 (float64 for float64 parameters) tensor."""
+    g = p.grad
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if g is not None and g.dtype == dtype and g.shape == p.shape and g.is_contiguous() and g.device == p.device:
+        return g.zero_()
+    return torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+
 def masked_multitask_backward(
     losses: Sequence[torch.Tensor],
     masked_params: Sequence[torch.Tensor],
@@ -54,17 +179,39 @@ def masked_multitask_backward(
     dense_params: Sequence[torch.Tensor] = (),
     head_params: Sequence[torch.Tensor] | None = None,
     normalize: str = "tasks",
-    batched: bool = True,
+    batched: bool | str = "auto",
+    boundary: Sequence[torch.Tensor] = (),
+    backend: str = "auto",
 ) -> None:
-    """Write ``.grad`` for a masked multi-task update.
+    """Write ``.grad`` for a masked multi-task update (paper Eq. 4), streaming task by task.
 
-    ``masked_params`` get ``sum_t S_t * g_t / T`` (or the ``"selected"`` normalization) from
-    :func:`fsmtl_kernels.masked_grad_average`; ``dense_params`` (shared but unmasked) get the
-    plain task average; ``head_params`` get the gradient of ``sum_t L_t`` (each head only sees
-    its own task). ``mask=None`` means every task holds every entry (dense MTL).
+    ``masked_params`` get ``sum_t S_t * g_t / T`` (or the ``"selected"`` normalization, divided
+    by the number of tasks holding each entry, 0 where none does); ``dense_params`` (shared but
+    unmasked) get the plain task average; ``head_params`` get the gradient of ``sum_t L_t`` (each
+    head only sees its own task). ``mask=None`` means every task holds every entry (dense MTL).
     Existing ``.grad`` of the masked and dense parameters is overwritten, heads accumulate.
     ``head_params`` is required: forgetting it would silently leave the heads untrained; pass
     ``head_params=()`` when the heads get their gradient elsewhere.
+
+    Each task's gradient is added into running sums as it arrives
+    (:func:`fsmtl_kernels.masked_accumulate`), so no ``[T, P]`` tensor exists: the sequential
+    mode holds O(P) extra floats; the batched mode O(P + chunk x P) with ``chunk`` tasks per
+    batched vector-Jacobian product, ``chunk = T x (largest input) // P`` (at least 1), within
+    ``P + T x largest`` floats.
+
+    Args:
+        batched: ``False``: T backward passes (the floor every gradient-manipulation method
+            shares); ``True``: batched vector-Jacobian products (``is_grads_batched``; a model
+            without batching rules falls back to T passes with a warning); ``"auto"``: both are
+            timed once, at the first call for the same parameters, T and device, and the faster
+            one is kept for later calls (see :func:`batched_choice`).
+        boundary: activations separating the trunk's lower, unmasked layers from the masked ones
+            (``MultiTaskModel.pop_forward_record()``). Dense parameters that reach the losses only
+            through them get their task average from one backward of the boundary's summed
+            gradient: per-task work runs through the masked layers and what lies above them.
+            Dense parameters with any other path to a loss are handled per task, so any boundary
+            gives the exact gradients.
+        backend: the :func:`fsmtl_kernels.masked_accumulate` backend.
     """
     if head_params is None:
         raise TypeError(
@@ -80,18 +227,86 @@ def masked_multitask_backward(
             raise ValueError(f"losses[{t}] must be a scalar tensor (one loss per task), got {got}")
     if mask is not None and mask.num_tasks != len(losses):
         raise ValueError(f"mask has {mask.num_tasks} tasks but there are {len(losses)} losses")
-    shared = list(masked_params) + list(dense_params)
-    grads = per_task_gradients(losses, shared, batched=batched)
-    n_masked = len(masked_params)
-    if mask is None:
-        for p, g in zip(shared, grads):
-            p.grad = g.mean(0)
+    if normalize not in fk.NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
+    if batched not in (True, False, "auto"):
+        raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+    masked = list(masked_params)
+    heads = list(head_params)
+    below, above, cut = _dense_split(losses, list(dense_params), boundary)
+    others = above + heads + cut
+    inputs = masked + others
+    num_tasks = len(losses)
+    numels = [x.numel() for x in inputs]
+    chunk = max(1, min(num_tasks, num_tasks * max(numels) // max(1, sum(numels))))
+    key = (tuple(id(x) for x in masked + above + heads), tuple(x.shape for x in cut), num_tasks, inputs[0].device)
+    mode = _CHOICE.get(key, batched) if batched == "auto" else batched
+
+    def run(use_batched: bool) -> _Sums:
+        sums = _Sums(masked, others, mask, backend)
+        for t, grads in _task_rows(losses, inputs, use_batched, chunk):
+            sums.add(t, grads)
+        return sums
+
+    if mode == "auto":
+        # Timed once: batched first (it also pays first-call costs, which favours the
+        # sequential mode, the one with the smaller memory), then sequential, whose sums are used.
+        sync = torch.cuda.synchronize if inputs[0].device.type == "cuda" else (lambda: None)
+        try:
+            sync()
+            start = time.perf_counter()
+            run(True)
+            sync()
+            batched_s = time.perf_counter() - start
+        except RuntimeError:
+            batched_s = float("inf")
+        start = time.perf_counter()
+        sums = run(False)
+        sync()
+        _CHOICE[key] = batched_s < time.perf_counter() - start
+    elif mode:
+        try:
+            sums = run(True)
+        except RuntimeError as exc:
+            warnings.warn(
+                f"batched vector-Jacobian product failed ({exc.__class__.__name__}: {str(exc)[:120]}); "
+                "using one backward pass per task",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            sums = run(False)
     else:
-        fk.masked_grad_average(grads[:n_masked], mask, normalize=normalize, params=list(masked_params))
-        for p, g in zip(dense_params, grads[n_masked:]):
-            p.grad = g.mean(0)
-    if head_params:
-        torch.autograd.backward(torch.stack([loss.reshape(()) for loss in losses]).sum(), inputs=list(head_params))
+        sums = run(False)
+
+    if mask is not None and normalize == "selected":
+        counts = _selected_count(mask, torch.float32, backend)
+        for acc, count in zip(sums.masked, counts):
+            acc.div_(count.clamp_min(1).to(acc.dtype)).masked_fill_(count == 0, 0.0)
+    else:
+        for acc in sums.masked:
+            acc.div_(num_tasks)
+    for p, acc in zip(masked, sums.masked):
+        p.grad = acc if acc.dtype == p.dtype else acc.to(p.dtype)
+    n_above = len(above)
+    for p, acc in zip(above, sums.others[:n_above]):
+        p.grad = acc.div_(num_tasks)
+    for p, acc, seen in zip(heads, sums.others[n_above : n_above + len(heads)], sums.others_seen[n_above:]):
+        if seen:
+            p.grad = acc if p.grad is None else p.grad.add_(acc)
+    cut_sums = sums.others[n_above + len(heads) :]
+    for p in below:
+        p.grad = None
+    if cut and any(sums.others_seen[n_above + len(heads) :]):
+        torch.autograd.backward(cut, grad_tensors=[c.div_(num_tasks) for c in cut_sums], inputs=below)
+    for p in below:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def batched_choice() -> dict[tuple, bool]:
+    """What ``batched="auto"`` measured so far: (parameter ids, boundary shapes, T, device) ->
+    True where the batched vector-Jacobian product was faster than T backward passes."""
+    return dict(_CHOICE)
 
 
 def dense_multitask_backward(losses: Sequence[torch.Tensor], shared_params: Sequence[torch.Tensor]) -> None:

@@ -44,6 +44,10 @@ class MultiTaskModel(nn.Module):
             self._masked_names = [n for n, p in trunk.named_parameters() if p.requires_grad]
         if not self._masked_names:
             raise ValueError("the task masks would cover no trainable trunk parameter")
+        # The masked submodules whose first call's inputs are recorded as the boundary below
+        # the masks (only when trunk parameters stay outside them).
+        self._boundary_modules = list(masked_modules or ()) if self.dense_shared_parameters() else []
+        self._record = _ForwardRecord()
 
     @property
     def num_tasks(self) -> int:
@@ -69,12 +73,39 @@ class MultiTaskModel(nn.Module):
     def features(self, x: torch.Tensor, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Trunk features; with ``mask`` (bool tensors shaped like :meth:`masked_parameters`) the
         trunk runs on ``mask * theta_sh``: entries outside the mask act as 0 and get a zero gradient."""
-        if mask is None:
-            return self.trunk(x)
-        # where() rather than a float product: no float copy of the mask, and the gradient is the
-        # incoming one inside the mask and exactly 0 outside (what p * m gives, up to the sign of 0).
-        overrides = {n: torch.where(m, p, 0.0) for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)}
-        return functional_call(self.trunk, overrides, (x,))
+        record = self._record
+        handles = []
+        if torch.is_grad_enabled():  # forwards under no_grad leave nothing for a backward
+            record.trunk_forwards += 1
+            record.boundary = ()  # the previous step's, if nobody took it: its graph is freed here
+        if self._boundary_modules and torch.is_grad_enabled():
+            modules = dict(self.trunk.named_modules())
+            handles = [modules[n].register_forward_pre_hook(record.see_inputs) for n in self._boundary_modules]
+        try:
+            if mask is None:
+                return self.trunk(x)
+            # where() rather than a float product: no float copy of the mask, and the gradient is
+            # the incoming one inside the mask and exactly 0 outside (what p * m gives, up to the
+            # sign of 0).
+            overrides = {
+                n: torch.where(m, p, 0.0) for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)
+            }
+            return functional_call(self.trunk, overrides, (x,))
+        finally:
+            for h in handles:
+                h.remove()
+
+    def pop_forward_record(self) -> tuple[tuple[torch.Tensor, ...], int]:
+        """What the trunk forwards since the last call leave for the backward, then forget it:
+        ``(boundary, trunk_forwards)``. ``boundary`` holds the inputs of the first masked module
+        the last forward called (when ``masked_modules`` leaves trunk parameters outside the
+        masks; empty otherwise), which lets the masked backward run the layers below the masks
+        once (:func:`fsmtl.masked_multitask_backward`'s ``boundary``); ``trunk_forwards`` counts
+        the forwards with grad enabled (1: every task's loss shares one trunk graph)."""
+        record = self._record
+        out = (record.boundary, record.trunk_forwards)
+        record.boundary, record.trunk_forwards = (), 0
+        return out
 
     def forward(self, x: torch.Tensor, task: int, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         previous, self.current_task = self.current_task, task
@@ -93,6 +124,28 @@ class MultiTaskModel(nn.Module):
                 for n, m in zip(self._masked_names, mask):
                     params[n].masked_fill_(~m, 0.0)
         return nn.Sequential(trunk, copy.deepcopy(self.heads[task])).eval()
+
+
+class _ForwardRecord:
+    """The trunk forwards' record (see :meth:`MultiTaskModel.pop_forward_record`); a deep copy or
+    pickle of the model starts with an empty one (the boundary is part of a live graph)."""
+
+    def __init__(self) -> None:
+        self.boundary: tuple[torch.Tensor, ...] = ()
+        self.trunk_forwards = 0
+
+    def see_inputs(self, module: nn.Module, args: tuple) -> None:
+        if not self.boundary:
+            self.boundary = tuple(a for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None)
+
+    def __deepcopy__(self, memo) -> _ForwardRecord:
+        return _ForwardRecord()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
 
 def count_nonzero_shared(model: nn.Sequential) -> int:

@@ -30,7 +30,13 @@ class SparseStrategy(Strategy):
         freeze_unselected: restore, after every optimizer step, the entries no task holds. Without
             it, an entry outside every mask gets a zero gradient, so plain SGD leaves it alone,
             but momentum keeps moving it by its old velocity and weight decay shrinks it.
-        batched_grads: compute the T per-task trunk gradients in one batched backward.
+        batched_grads: how the T per-task gradients are computed when the tasks share one trunk
+            forward: ``True`` batched vector-Jacobian products, ``False`` T backward passes,
+            ``"auto"`` (default) the faster of the two, timed once at the first masked step
+            (:func:`fsmtl.masked_multitask_backward`). Separate trunk forwards (heterogeneous
+            tasks, ``mask_forward``) always take T backward passes. Either way each task's
+            gradient is streamed into the masked sum (no ``[T, P]`` buffer), and trunk layers
+            below ``masked_modules`` get one backward of the summed loss.
     """
 
     def __init__(
@@ -41,7 +47,7 @@ class SparseStrategy(Strategy):
         mask_forward: bool = False,
         normalize: str = "tasks",
         freeze_unselected: bool = False,
-        batched_grads: bool = True,
+        batched_grads: bool | str = "auto",
     ) -> None:
         fk.check_k(keep_ratio, "keep_ratio")
         if keep_ratio <= 0:  # 0 would freeze the whole trunk: never a useful run, so refuse it here
@@ -55,7 +61,9 @@ class SparseStrategy(Strategy):
         self.mask_forward = bool(mask_forward)
         self.normalize = normalize
         self.freeze_unselected = bool(freeze_unselected)
-        self.batched_grads = bool(batched_grads)
+        if batched_grads not in (True, False, "auto"):
+            raise ValueError(f"batched_grads must be True, False or 'auto', got {batched_grads!r}")
+        self.batched_grads = batched_grads
         self.mask: fk.PackedMask | None = None
         self._forward_masks: list[list[torch.Tensor]] | None = None
         self._unselected: list[torch.Tensor] | None = None
@@ -73,6 +81,7 @@ class SparseStrategy(Strategy):
     def update_mask(self, epoch: int = -1, step: int = -1) -> dict:
         """Recompute the masks now; returns the record (ones, churn, overlap) of this update."""
         new = self.compute_mask()
+        self.context.model.pop_forward_record()  # the Fisher forwards are not the training step's
         check_identical(new)  # several ranks: one checksum all-reduce; raises if the masks differ
         record = {
             "epoch": epoch,
@@ -125,9 +134,13 @@ class SparseStrategy(Strategy):
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model
+        boundary, trunk_forwards = model.pop_forward_record()
         if self.mask is None:  # warm-up: dense MTL, one backward pass instead of T
             dense_multitask_backward(losses, model.shared_parameters())
             return
+        # Losses from separate trunk forwards (heterogeneous tasks, mask_forward) share no graph to
+        # batch over: T backward passes, streamed into the masked sum.
+        batched = self.batched_grads if trunk_forwards <= 1 else False
         masked_multitask_backward(
             losses,
             model.masked_parameters(),
@@ -135,7 +148,8 @@ class SparseStrategy(Strategy):
             dense_params=model.dense_shared_parameters(),
             head_params=model.head_parameters(),
             normalize=self.normalize,
-            batched=self.batched_grads,
+            batched=batched,
+            boundary=boundary,
         )
 
     def before_optimizer_step(self) -> None:

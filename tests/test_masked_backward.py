@@ -1,0 +1,269 @@
+"""The streaming masked multi-task backward (issue 14): every path writes the ``.grad`` of the
+reference formula (paper Eq. 4), checked in float64 against one fresh forward/backward per task:
+homogeneous and heterogeneous tasks, full and partial masks (masked layers on top, at the
+bottom, and a skip connection around the boundary), both normalizations, batched, sequential and
+auto, mask_forward, and through the sparse strategy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fsmtl
+import fsmtl_kernels as fk
+from fsmtl.gradients import _dense_split
+from fsmtl.strategies import RandomSparse, TrainingContext
+
+T = 3
+DIM = 6
+
+
+class SkipTrunk(nn.Module):
+    """``top(tanh(b(2 h)) + h)``, ``h = relu(a(x))``: ``h`` reaches the output around the masked
+    ``b``'s input ``2 h``, so a boundary at that input does not separate ``a`` from the losses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(DIM, 8)
+        self.b = nn.Linear(8, 8)
+        self.top = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.top(torch.tanh(self.b(2 * h)) + h)
+
+
+def sequential_trunk():
+    return nn.Sequential(
+        nn.Linear(DIM, 9), nn.ReLU(), nn.Linear(9, 9), nn.Tanh(), nn.Linear(9, 8), nn.ReLU(), nn.Linear(8, 8)
+    )
+
+
+TRUNKS = {
+    "full": (sequential_trunk, None),
+    "top2": (sequential_trunk, ["4", "6"]),
+    "bottom": (sequential_trunk, ["0"]),
+    "middle": (sequential_trunk, ["2"]),
+    "skip": (SkipTrunk, ["b"]),
+}
+
+
+def make_model(kind):
+    torch.manual_seed(0)
+    build, masked_modules = TRUNKS[kind]
+    model = fsmtl.MultiTaskModel(build(), [nn.Linear(8, 1) for _ in range(T)], masked_modules=masked_modules)
+    return model.double()
+
+
+def make_mask(model, seed=1, p=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    bools = [torch.rand(T, *q.shape, generator=gen) < p for q in model.masked_parameters()]
+    bools[0][:, 0] = False  # an entry (row) no task holds: "selected" gives 0 there
+    return fk.PackedMask.from_bool_stacked(bools)
+
+
+def make_data(heterogeneous):
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(5, DIM, generator=gen, dtype=torch.float64) for _ in range(T if heterogeneous else 1)]
+    ys = [torch.randn(5, 1, generator=gen, dtype=torch.float64) for _ in range(T)]
+    return (xs if heterogeneous else xs * T), ys
+
+
+def task_losses(model, xs, ys, masks=None, shared_forward=True):
+    if shared_forward and masks is None and all(x is xs[0] for x in xs):
+        features = model.features(xs[0])
+        return [((h(features) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
+    masks = masks or [None] * T
+    return [((model(x, t, m) - y) ** 2).mean() for t, (x, y, m) in enumerate(zip(xs, ys, masks))]
+
+
+def reference_grads(model, mask, xs, ys, normalize, mask_forward):
+    """Eq. 4 in float64 from T separate forward/backward passes: masked parameters
+    ``sum_t S_t g_t / T`` (or ``/ sum_t S_t``, 0 where none), dense trunk parameters the task
+    average, heads the gradient of their own task's loss."""
+    masked = model.masked_parameters()
+    dense = model.dense_shared_parameters()
+    heads = model.head_parameters()
+    bools = mask.to_bool_stacked()
+    sums = [torch.zeros_like(p) for p in masked]
+    dense_sum = [torch.zeros_like(p) for p in dense]
+    head_sum = [torch.zeros_like(p) for p in heads]
+    for t in range(T):
+        m = [b[t] for b in bools] if mask_forward else None
+        loss = ((model(xs[t], t, m) - ys[t]) ** 2).mean()
+        grads = torch.autograd.grad(loss, masked + dense + heads, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, masked + dense + heads)]
+        for s, g, b in zip(sums, grads, bools):
+            s += g * b[t]
+        for s, g in zip(dense_sum, grads[len(masked) : len(masked) + len(dense)]):
+            s += g
+        for s, g in zip(head_sum, grads[len(masked) + len(dense) :]):
+            s += g
+    count = [b.sum(0) for b in bools]
+    if normalize == "tasks":
+        shared = [s / T for s in sums]
+    else:
+        shared = [torch.where(c > 0, s / c.clamp_min(1), torch.zeros_like(s)) for s, c in zip(sums, count)]
+    return shared + [s / T for s in dense_sum] + head_sum
+
+
+def check(model, expected):
+    got = model.masked_parameters() + model.dense_shared_parameters() + model.head_parameters()
+    for i, (p, e) in enumerate(zip(got, expected, strict=True)):
+        assert p.grad is not None, i
+        assert p.grad.dtype == torch.float64
+        torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=1e-10, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("batched", [False, True, "auto"], ids=["sequential", "batched", "auto"])
+@pytest.mark.parametrize("normalize", fk.NORMALIZE_MODES)
+@pytest.mark.parametrize("kind", list(TRUNKS))
+@pytest.mark.parametrize("heterogeneous", [False, True], ids=["homogeneous", "heterogeneous"])
+def test_function_matches_reference(kind, normalize, batched, heterogeneous):
+    model = make_model(kind)
+    mask = make_mask(model)
+    xs, ys = make_data(heterogeneous)
+    expected = reference_grads(model, mask, xs, ys, normalize, mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    model.pop_forward_record()
+    losses = task_losses(model, xs, ys)
+    boundary, forwards = model.pop_forward_record()
+    assert forwards == (T if heterogeneous else 1)
+    assert bool(boundary) == (kind not in ("full", "bottom"))  # the first masked module's input
+    fsmtl.masked_multitask_backward(
+        losses,
+        model.masked_parameters(),
+        mask,
+        dense_params=model.dense_shared_parameters(),
+        head_params=model.head_parameters(),
+        normalize=normalize,
+        batched=batched,
+        boundary=boundary,
+    )
+    check(model, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("normalize", fk.NORMALIZE_MODES)
+@pytest.mark.parametrize("kind", ["full", "top2", "skip"])
+@pytest.mark.parametrize("mask_forward", [False, True], ids=["eq4", "mask_forward"])
+@pytest.mark.parametrize("heterogeneous", [False, True], ids=["homogeneous", "heterogeneous"])
+def test_strategy_backward_matches_reference(kind, normalize, mask_forward, heterogeneous, backend, monkeypatch):
+    if backend == "cpp" and fk.backends.unavailable_reason("cpp", torch.device("cpu")) is not None:
+        pytest.skip("cpp backend unavailable")
+    monkeypatch.setenv("FSMTL_BACKEND", backend)
+    model = make_model(kind)
+    mask = make_mask(model, seed=3, p=0.6)
+    xs, ys = make_data(heterogeneous)
+    expected = reference_grads(model, mask, xs, ys, normalize, mask_forward)
+    strategy = RandomSparse(0.5, mask_forward=mask_forward, normalize=normalize)
+    strategy.context = TrainingContext(model, [None] * T, None, None)
+    strategy.set_mask(mask)
+    model.zero_grad(set_to_none=True)
+    model.pop_forward_record()
+    masks = [strategy.forward_mask(t) for t in range(T)]
+    losses = task_losses(model, xs, ys, None if not mask_forward else masks)
+    strategy.backward(losses)
+    check(model, expected)
+    assert model.pop_forward_record() == ((), 0)  # the backward took the record
+
+
+def test_full_masks_equal_dense_mtl():
+    model = make_model("top2")
+    xs, ys = make_data(False)
+    ones = [torch.ones(T, *p.shape, dtype=torch.bool) for p in model.masked_parameters()]
+    full = fk.PackedMask.from_bool_stacked(ones)
+    losses = task_losses(model, xs, ys)
+    boundary, _ = model.pop_forward_record()
+    fsmtl.masked_multitask_backward(
+        losses,
+        model.masked_parameters(),
+        full,
+        dense_params=model.dense_shared_parameters(),
+        head_params=model.head_parameters(),
+        boundary=boundary,
+        batched=False,
+    )
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    fsmtl.gradients.dense_multitask_backward(task_losses(model, xs, ys), model.shared_parameters())
+    for a, p in zip(ours, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, atol=1e-13, rtol=1e-12)
+
+
+def test_boundary_split_top_masks_leave_bottom_layers_below():
+    model = make_model("top2")
+    xs, ys = make_data(False)
+    losses = task_losses(model, xs, ys)
+    boundary, _ = model.pop_forward_record()
+    below, above, cut = _dense_split(losses, model.dense_shared_parameters(), boundary)
+    assert len(below) == 4 and above == [] and len(cut) == 1  # layers 0 and 2 run once, below the cut
+
+
+def test_boundary_split_keeps_bypassed_parameters_per_task():
+    """The skip connection reaches layer ``a`` around the boundary; ``top`` lies above it."""
+    model = make_model("skip")
+    xs, ys = make_data(False)
+    losses = task_losses(model, xs, ys)
+    boundary, _ = model.pop_forward_record()
+    below, above, _ = _dense_split(losses, model.dense_shared_parameters(), boundary)
+    assert below == []
+    assert [id(p) for p in above] == [id(p) for p in model.dense_shared_parameters()]
+
+
+def test_no_boundary_recorded_without_grad_or_dense_layers():
+    model = make_model("top2")
+    xs, _ = make_data(False)
+    with torch.no_grad():
+        model.features(xs[0])
+    assert model.pop_forward_record() == ((), 0)
+    full = make_model("full")
+    full.features(xs[0])
+    assert full.pop_forward_record()[0] == ()
+
+
+def test_model_with_a_live_record_deep_copies():
+    import copy
+
+    model = make_model("top2")
+    xs, _ = make_data(False)
+    model.features(xs[0])
+    clone = copy.deepcopy(model)
+    assert clone.pop_forward_record() == ((), 0)
+    assert model.pop_forward_record()[1] == 1
+
+
+def test_bad_batched_value():
+    model = make_model("full")
+    xs, ys = make_data(False)
+    with pytest.raises(ValueError, match="batched"):
+        fsmtl.masked_multitask_backward(
+            task_losses(model, xs, ys), model.masked_parameters(), make_mask(model), head_params=(), batched="yes"
+        )
+    with pytest.raises(ValueError, match="batched_grads"):
+        RandomSparse(0.5, batched_grads="sometimes")
+
+
+def test_batched_mode_holds_at_most_t_times_the_largest_parameter(monkeypatch):
+    """Batched vector-Jacobian products run over chunks of tasks: never ``[T, P]`` at once."""
+    model = make_model("full")
+    mask = make_mask(model)
+    xs, ys = make_data(False)
+    inputs = model.masked_parameters() + model.head_parameters()
+    total, largest = sum(p.numel() for p in inputs), max(p.numel() for p in inputs)
+    seen = []
+    grad = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        out = grad(*args, **kwargs)
+        if kwargs.get("is_grads_batched"):
+            seen.append(sum(g.numel() for g in out if g is not None))
+        return out
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    fsmtl.masked_multitask_backward(
+        task_losses(model, xs, ys), model.masked_parameters(), mask, head_params=model.head_parameters(), batched=True
+    )
+    # chunks of max(1, T * largest // total) tasks
+    assert len(seen) > 1 and max(seen) <= max(T * largest, total) < T * total
