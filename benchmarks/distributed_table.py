@@ -1,0 +1,177 @@
+"""Steps per second and bytes communicated per step: FSMTL on torch.distributed vs plain DDP (issue 12).
+
+Peers side by side in one run, 1 and 2 processes (gloo on CPU, 1 thread each, 127.0.0.1):
+
+* ``FS (fsmtl)``: the :class:`fsmtl.Trainer` with :class:`FisherSparse` (keep 0.3, masks computed
+  once at the first step, then fixed), per-task gradients, masked average locally, then one
+  all-reduce of the combined shared + head gradients (:mod:`fsmtl.distributed`);
+* ``MTL (fsmtl)``: the same Trainer with dense MTL (:class:`EqualWeighting`);
+* ``MTL (DDP)``: plain ``DistributedDataParallel`` of the same dense model, loss ``sum_t L_t``
+  (trunk gradient rescaled by 1/T, as dense MTL), ``optimizer.step()``.
+
+Model: an MLP trunk 64-256-256 with T = 8 binary heads (the ``digits-attributes`` shape, wider),
+per-process batch 64, SGD. Each configuration trains ``--steps`` steps after ``--warmup`` untimed
+ones; the table gives the median of ``--repeats`` timings in steps/s, samples/s (all processes)
+and the bytes each process all-reduces per step (payload of the collectives, not wire bytes:
+ring all-reduce sends about 2 (W-1)/W times the payload). Run:
+``OMP_NUM_THREADS=1 python benchmarks/distributed_table.py`` (writes ``results/distributed.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fsmtl
+from fsmtl.data import Split, Task
+from fsmtl.distributed import spawn, world
+from fsmtl.strategies import EqualWeighting, FisherSparse, MaskSchedule
+
+T, D, H, BATCH = 8, 64, 256, 64
+TASKS = [Task(f"attr{t}", "binary", 1) for t in range(T)]
+
+
+def _model() -> fsmtl.MultiTaskModel:
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU())
+    return fsmtl.MultiTaskModel(trunk, [nn.Linear(H, 1) for _ in range(T)])
+
+
+def _split(n: int) -> Split:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, D, generator=g)
+    w = torch.randn(D, T, generator=g)
+    y = (x @ w > 0).float()
+    return Split([x] * T, [y[:, t].contiguous() for t in range(T)])
+
+
+def _trainer_rate(method: str, steps: int, warmup: int, size: int) -> tuple[float, int]:
+    model = _model()
+    strategy = (
+        FisherSparse(0.3, schedule=MaskSchedule(warmup=0, every=10**9, unit="step"), samples=64)
+        if method == "fs"
+        else EqualWeighting()
+    )
+    trainer = fsmtl.Trainer(model, TASKS, strategy, torch.optim.SGD(model.parameters(), lr=0.01), seed=0)
+    data = _split(BATCH * size * (warmup + steps))
+    trainer.fit(Split([x[: BATCH * size * warmup] for x in data.inputs],
+                      [y[: BATCH * size * warmup] for y in data.targets]), epochs=1, batch_size=BATCH)  # fmt: skip
+    _barrier()
+    start = time.perf_counter()
+    history = trainer.fit(data, epochs=1, batch_size=BATCH)
+    _barrier()
+    elapsed = time.perf_counter() - start
+    total_steps = -(-data.sizes[0] // (BATCH * size))
+    grads = history.get("distributed", {}).get("bytes_per_step", 0)
+    losses = (T + 1) * 8 if size > 1 else 0  # the loss values and stop flag, float64
+    return total_steps / elapsed, grads + losses
+
+
+class _AllHeads(nn.Module):
+    """``forward(x)`` -> every head's output from one trunk pass (what DDP wraps)."""
+
+    def __init__(self, model: fsmtl.MultiTaskModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        features = self.model.features(x)
+        return [head(features) for head in self.model.heads]
+
+
+def _ddp_rate(steps: int, warmup: int, size: int) -> tuple[float, int]:
+    model = _model()
+    net = _AllHeads(model)
+    net = nn.parallel.DistributedDataParallel(net) if size > 1 else net
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = _split(BATCH * (warmup + steps))
+    x, ys = data.inputs[0], torch.stack(data.targets, 1)
+    shared = model.shared_parameters()
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def step(i: int) -> None:
+        xb, yb = x[i * BATCH : (i + 1) * BATCH], ys[i * BATCH : (i + 1) * BATCH]
+        loss = sum(loss_fn(out.squeeze(1), yb[:, t]) for t, out in enumerate(net(xb)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP: bucketed all-reduces of every gradient, overlapped with the backward
+        with torch.no_grad():
+            for p in shared:
+                p.grad.div_(T)
+        opt.step()
+
+    for i in range(warmup):
+        step(i)
+    _barrier()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    _barrier()
+    elapsed = time.perf_counter() - start
+    comm = sum(p.numel() * p.element_size() for p in model.parameters()) if size > 1 else 0
+    return steps / elapsed, comm
+
+
+def _barrier() -> None:
+    if world() is not None:
+        dist.barrier()
+
+
+def _measure(rank: int, size: int, out: str, steps: int, warmup: int, repeats: int) -> None:
+    torch.set_num_threads(1)
+    rows = {}
+    for name, run in (
+        ("FS (fsmtl)", lambda: _trainer_rate("fs", steps, warmup, size)),
+        ("MTL (fsmtl)", lambda: _trainer_rate("mtl", steps, warmup, size)),
+        ("MTL (DDP)", lambda: _ddp_rate(steps, warmup, size)),
+    ):
+        results = [run() for _ in range(repeats)]
+        rows[name] = {"steps_per_s": statistics.median(r[0] for r in results), "bytes_per_step": results[0][1]}
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (1, 2):
+            path = f"{tmp}/{size}.json"
+            if size == 1:
+                _measure(0, 1, path, args.steps, args.warmup, args.repeats)
+            else:
+                spawn(_measure, size, (path, args.steps, args.warmup, args.repeats), timeout_s=600)
+            table[size] = json.loads(Path(path).read_text())
+    params = sum(p.numel() for p in _model().parameters())
+    load = os.getloadavg()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {load[0]:.1f}; torch {torch.__version__}; {params} parameters (float32), T={T}, "
+          f"per-process batch {BATCH}; median of {args.repeats} x {args.steps} steps")  # fmt: skip
+    print("| method | processes | steps/s | samples/s | bytes all-reduced per step and process |")
+    print("|---|---|---|---|---|")
+    for name in table[1]:
+        for size in (1, 2):
+            r = table[size][name]
+            print(f"| {name} | {size} | {r['steps_per_s']:.1f} | {r['steps_per_s'] * BATCH * size:.0f} | "
+                  f"{r['bytes_per_step']:,} |")  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"params": params, "T": T, "batch": BATCH, "load": load, "table": table}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
