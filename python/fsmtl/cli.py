@@ -91,7 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=_csv(int),
         default=",".join(map(str, d.seeds)),
-        help="comma-separated seeds (model initialisation, batch order, mask sampling; the data split is fixed)",
+        help="comma-separated seeds (model initialisation, batch order, mask sampling; the data split is fixed) "
+        "whose test scores are reported, at the keep ratio chosen with --select-seeds",
+    )
+    run.add_argument(
+        "--select-seeds",
+        type=_csv(int),
+        default=",".join(map(str, d.select_seeds)),
+        help="comma-separated seeds that choose the keep ratio on validation (needed only with several keep "
+        "ratios); never reported, and disjoint from --seeds",
     )
     run.add_argument(
         "--keep-ratios",
@@ -225,7 +233,7 @@ def run_command(args) -> int:
     checkpointed, so ``--resume`` continues it), one line says what was kept, and the exit code is 130.
     """
     from .checkpoint import TrainingInterrupted
-    from .experiment import run_experiment
+    from .experiment import planned_runs, run_experiment
     from .preflight import PARTIAL_RESULTS, clear_output
     from .progress import Progress
     from .report import format_table, plot_figures, write_csv, write_json
@@ -235,9 +243,7 @@ def run_command(args) -> int:
     clear_output(old)  # --overwrite: the earlier run's files go before this run writes any
     progress = None
     if not args.no_progress:
-        progress = Progress(
-            sum(len(cfg.seeds) * (len(cfg.keep_ratios) if _sparse(m) else 1) for m in cfg.methods), stream=sys.stderr
-        )
+        progress = Progress(sum(planned_runs(cfg, m) for m in cfg.methods), stream=sys.stderr)
     with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step (checkpoint with --checkpoint-dir)
         try:
             results = run_experiment(cfg, benchmark=data, progress=progress, store=store)
@@ -265,12 +271,6 @@ def run_command(args) -> int:
         + ", ".join(p.name for p in figures)
     )
     return 0
-
-
-def _sparse(method: str) -> bool:
-    from .strategies import METHODS
-
-    return METHODS[method].sparse
 
 
 def benchmarks_command() -> int:

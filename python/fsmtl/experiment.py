@@ -22,6 +22,7 @@ from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
 from .models import BACKBONES, build_model
 from .preflight import check_methods
+from .stats import paired_tests, sample_std
 from .strategies import METHODS, MaskSchedule, Method, MethodOptions, get_method
 from .tasks import task_kind
 from .trainer import Trainer
@@ -35,6 +36,7 @@ class ExperimentConfig:
     benchmark_options: dict = field(default_factory=dict)
     methods: Sequence[str] = ("stl", "mtl", "rs", "fs")
     seeds: Sequence[int] = (0, 1, 2)
+    select_seeds: Sequence[int] = (100, 101)
     keep_ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
     epochs: int = 40
     batch_size: int = 64
@@ -57,6 +59,7 @@ class ExperimentConfig:
             raise ValueError("seeds must not be empty")
         if not self.keep_ratios:
             raise ValueError("keep_ratios must not be empty")
+        check_seed_split(self.seeds, self.select_seeds)
         for i, p in enumerate(self.keep_ratios):
             fk.check_k(p, f"keep_ratios[{i}]")
         for name in ("epochs", "batch_size", "hidden", "samples", "update_every"):
@@ -72,6 +75,22 @@ class ExperimentConfig:
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as exc:
             raise ValueError(f"device={self.device!r} is not usable here: {exc}") from None
+
+
+def check_seed_split(seeds: Sequence[int], select_seeds: Sequence[int]) -> None:
+    """The evaluation protocol's seed split: selection seeds choose hyper-parameters on validation,
+    reported seeds give the test scores; no seed may do both (nor appear twice in one list)."""
+    if not select_seeds:
+        raise ValueError("select_seeds must not be empty (the seeds that choose the keep ratio on validation)")
+    for name, values in (("seeds", seeds), ("select_seeds", select_seeds)):
+        if len(set(values)) != len(values):
+            raise ValueError(f"{name} has repeated seeds: {list(values)}")
+    shared = sorted(set(seeds) & set(select_seeds))
+    if shared:
+        raise ValueError(
+            f"seeds {shared} are both reported and used for selection: reported seeds must be fresh "
+            "(choose --select-seeds apart from --seeds)"
+        )
 
 
 MIN_TEST_EXAMPLES = 50
@@ -202,6 +221,14 @@ def run_label(method: str, seed: int, keep_ratio: float) -> str:
     return f"{method} seed {seed}" + (f" p={keep_ratio:g}" if METHODS[method].sparse else "")
 
 
+def planned_runs(cfg: ExperimentConfig, method: str) -> int:
+    """Training runs of ``method`` under the protocol: each keep ratio on each selection seed (when
+    there is a choice), then the chosen one on each reported seed (a single-task method's run
+    trains one model per task)."""
+    ratios = len(cfg.keep_ratios) if METHODS[method].sparse else 1
+    return (ratios * len(cfg.select_seeds) if ratios > 1 else 0) + len(cfg.seeds)
+
+
 def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
     sizes = benchmark.train.sizes
     if get_method(method).single_task:
@@ -216,11 +243,16 @@ def run_experiment(
     progress=None,
     store=None,
 ) -> dict:
-    """Run every method of ``cfg`` over its seeds (and keep ratios for the sparse ones).
+    """Run every method of ``cfg`` under the evaluation protocol (DESIGN.md section 10).
 
-    For a sparse method, each keep ratio is trained with every seed, the ratio with the best
-    mean validation score (mean over tasks of F-score / mIoU / -abs. error / -MSE) is kept, and
-    its test metrics are reported. Returns a JSON-ready dict.
+    Selection: for a method with several candidate keep ratios, each ratio is trained with every
+    seed of ``cfg.select_seeds`` and the ratio with the best mean *validation* score (mean over
+    tasks of F-score / mIoU / -abs. error / -MSE) is kept; no test score is read to choose.
+    Report: the chosen ratio (the only one, for dense methods) is trained with every seed of
+    ``cfg.seeds``, disjoint from the selection seeds, and its test metrics are reported as mean
+    and sample standard deviation, with paired tests (t-test, Wilcoxon) of the per-seed score
+    against MTL and FS (:func:`fsmtl.stats.paired_tests`). ``methods[m]["runs"]`` keeps the
+    validation and test score of every run, selection runs included. Returns a JSON-ready dict.
 
     ``progress``: a :class:`fsmtl.progress.Progress` (one bar per run). A stop request
     (SIGINT/SIGTERM under :func:`fsmtl.resume.stop_on_signals`) or a ``KeyboardInterrupt`` is
@@ -236,28 +268,45 @@ def run_experiment(
     methods = {}
     finished_runs = []
     label = None
+    records = []
+
+    def train(method: str, seed: int, p: float, role: str) -> dict:
+        nonlocal label
+        label = run_label(method, seed, p)
+        bar = progress.run(label, steps_per_run(benchmark, method, cfg)) if progress is not None else None
+        try:
+            run = train_once(benchmark, method, seed, p, cfg, bar, store)
+        finally:
+            if bar is not None:
+                bar.close()
+        finished_runs.append({"method": method, "seed": seed, "keep_ratio": p, "val": run["val"], "test": run["test"]})
+        records.append(
+            {
+                "method": method,
+                "seed": seed,
+                "keep_ratio": p,
+                "role": role,
+                "val_score": primary_score(benchmark, run["val"]),
+                "test_score": primary_score(benchmark, run["test"]),
+                "test": average_metrics(run["test"]),
+            }
+        )
+        return run
+
     try:
         for method in cfg.methods:
             ratios = list(cfg.keep_ratios) if METHODS[method].sparse else [1.0]
-            candidates = {}
-            for p in ratios:
-                runs = []
-                for s in cfg.seeds:
-                    label = run_label(method, s, p)
-                    bar = progress.run(label, steps_per_run(benchmark, method, cfg)) if progress is not None else None
-                    try:
-                        run = train_once(benchmark, method, s, p, cfg, bar, store)
-                    finally:
-                        if bar is not None:
-                            bar.close()
-                    runs.append(run)
-                    finished_runs.append(
-                        {"method": method, "seed": s, "keep_ratio": p, "val": run["val"], "test": run["test"]}
-                    )
-                val = statistics.mean(primary_score(benchmark, r["val"]) for r in runs)
-                candidates[p] = {"val_score": val, "runs": runs}
-            best = max(candidates, key=lambda p: candidates[p]["val_score"])
-            methods[method] = _summarize(method, best, candidates, benchmark)
+            val_scores = {}
+            if len(ratios) > 1:
+                for p in ratios:
+                    runs = [train(method, s, p, "selection") for s in cfg.select_seeds]
+                    val_scores[p] = select_score(benchmark, runs)
+                best = max(val_scores, key=val_scores.get)  # first of equal scores: the smaller ratio
+            else:
+                best = ratios[0]
+            reported = [train(method, s, best, "report") for s in cfg.seeds]
+            methods[method] = _summarize(method, best, val_scores, reported, benchmark)
+            methods[method]["runs"] = [r for r in records if r["method"] == method]
     except (ckpt.TrainingInterrupted, KeyboardInterrupt) as stop:
         stop.finished_runs = finished_runs
         stop.interrupted_run = label
@@ -267,6 +316,11 @@ def run_experiment(
     ranks = average_rank(ranked) if len(ranked) > 1 else {m: 1.0 for m in ranked}
     for m, r in methods.items():
         r["avg_rank"] = ranks.get(m)
+        r["paired"] = {
+            f"vs_{ref}": paired_tests(r["test_score_per_seed"], methods[ref]["test_score_per_seed"])
+            for ref in ("mtl", "fs")
+            if ref in methods and ref != m
+        }
     return {
         "config": asdict(cfg),
         "benchmark": {
@@ -276,6 +330,15 @@ def run_experiment(
             "sizes": {s: getattr(benchmark, s).sizes for s in ("train", "val", "test")},
         },
         "methods": methods,
+        "protocol": {
+            "select_seeds": list(cfg.select_seeds),
+            "seeds": list(cfg.seeds),
+            "selection": "keep ratio with the best mean validation score over select_seeds (test scores unused)",
+            "score": "mean over tasks of each task's primary metric, signed so that higher is better",
+            "std": "sample standard deviation (ddof=1) over the reported seeds",
+            "paired_tests": "two-sided scipy.stats.ttest_rel and wilcoxon of the per-seed score over the reported "
+            "seeds, against MTL and FS",
+        },
         "warnings": notes,
         "started_at": started_at.isoformat(timespec="seconds"),
         "ended_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -285,37 +348,56 @@ def run_experiment(
     }
 
 
-def _summarize(method: str, best: float, candidates: dict, benchmark: Benchmark) -> dict:
+def select_score(benchmark: Benchmark, runs: list[dict]) -> float:
+    """The selection criterion of one candidate: mean validation score over its selection runs.
+    Reads ``run["val"]`` only."""
+    return statistics.mean(primary_score(benchmark, r["val"]) for r in runs)
+
+
+def _summarize(method: str, best: float, val_scores: dict, runs: list[dict], benchmark: Benchmark) -> dict:
+    """The reported runs of one method (one per reported seed, at the chosen keep ratio)."""
     sparse = METHODS[method].sparse
-    runs = candidates[best]["runs"]
     per_seed = [average_metrics(r["test"]) for r in runs]
     names = list(per_seed[0])
     mean = {n: statistics.mean(s[n] for s in per_seed) for n in names}
-    std = {n: statistics.pstdev(s[n] for s in per_seed) for n in names}
+    std = {n: sample_std([s[n] for s in per_seed]) for n in names}
     per_task = [
         {n: statistics.mean(r["test"][t][n] for r in runs) for n in runs[0]["test"][t]}
         for t in range(len(benchmark.tasks))
     ]
     per_task_std = [
-        {n: statistics.pstdev(r["test"][t][n] for r in runs) for n in runs[0]["test"][t]}
+        {n: sample_std([r["test"][t][n] for r in runs]) for n in runs[0]["test"][t]}
         for t in range(len(benchmark.tasks))
     ]
+    scores = [primary_score(benchmark, r["test"]) for r in runs]
     out = {
         "keep_ratio": best if sparse else None,
-        "val_scores": {str(p): c["val_score"] for p, c in candidates.items()},
+        "val_scores": {str(p): v for p, v in val_scores.items()},
         "test_mean": mean,
         "test_std": std,
+        "test_score_mean": statistics.mean(scores),
+        "test_score_std": sample_std(scores),
+        "test_score_per_seed": scores,
         "test_per_task": per_task,
         "test_per_task_std": per_task_std,
         "test_per_seed": per_seed,
         "test_per_seed_per_task": [r["test"] for r in runs],
-        "mask_updates": [r["history"]["mask_updates"] for r in runs] if sparse else [],
+        "mask_updates": [_mask_updates(r["history"]) for r in runs] if sparse else [],
         # False when the warm-up covered the whole run: the "sparse" rows are then plain MTL.
-        "mask_used": any(r["history"]["mask_updates"] for r in runs) if sparse else None,
+        "mask_used": any(_mask_updates(r["history"]) for r in runs) if sparse else None,
     }
     if sparse:
         out["mask"] = _mask_summary([r.get("mask") for r in runs], best)
     return out
+
+
+def _mask_updates(history) -> list:
+    """A run's mask updates; a single-task method's run (one history per task): those of each task
+    (empty when no task had one)."""
+    if isinstance(history, dict):
+        return history["mask_updates"]
+    per_task = [h["mask_updates"] for h in history]
+    return per_task if any(per_task) else []
 
 
 def random_mask_overlap(keep_ratio: float) -> float:

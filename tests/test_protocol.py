@@ -1,0 +1,169 @@
+"""The evaluation protocol (DESIGN.md section 10): keep ratios chosen on validation with selection
+seeds, test scores reported on other seeds, sample std, paired tests against MTL and FS."""
+
+import itertools
+import math
+import statistics
+
+import pytest
+
+from fsmtl import experiment
+from fsmtl.data import load_benchmark
+from fsmtl.experiment import ExperimentConfig, run_experiment
+from fsmtl.report import format_table
+from fsmtl.stats import format_p, paired_tests, sample_std
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("synthetic", n_samples=200)
+
+
+def _metrics(bench, mse: float) -> list[dict]:
+    return [{"mse": mse, "mae": mse} for _ in bench.tasks]
+
+
+def _fake_train(calls, val_mse, test_mse):
+    """A stand-in for train_once: validation and test MSE from the given functions of (p, seed)."""
+
+    def train_once(benchmark, method, seed, keep_ratio, cfg, progress=None, store=None):
+        calls.append((method, seed, keep_ratio))
+        return {
+            "val": _metrics(benchmark, val_mse(keep_ratio, seed)),
+            "test": _metrics(benchmark, test_mse(keep_ratio, seed)),
+            "history": {"mask_updates": [{"epoch": 2}]},
+        }
+
+    return train_once
+
+
+CFG = dict(methods=("mtl", "fs"), keep_ratios=(0.1, 0.3, 0.7), select_seeds=(100, 101), seeds=(0, 1, 2))
+
+
+def _run(monkeypatch, bench, val_mse, test_mse):
+    calls = []
+    monkeypatch.setattr(experiment, "train_once", _fake_train(calls, val_mse, test_mse))
+    return run_experiment(ExperimentConfig(**CFG), benchmark=bench), calls
+
+
+def _val(p, seed):
+    # Selection seeds favour p = 0.3; the reported seeds would favour p = 0.7 if they were used.
+    best = 0.3 if seed >= 100 else 0.7
+    return 0.5 + abs(p - best) + 0.001 * seed
+
+
+def test_selection_reads_validation_of_selection_seeds_only(monkeypatch, bench):
+    def test(p, s):
+        return 0.4 + 0.01 * s + p
+
+    def poisoned_test(p, s):  # the selection runs' test scores favour another ratio, NaN for the chosen one
+        return (math.nan if p == 0.3 else -10.0 if p == 0.7 else 5.0) if s >= 100 else test(p, s)
+
+    honest, calls = _run(monkeypatch, bench, _val, test)
+    poisoned, poisoned_calls = _run(monkeypatch, bench, _val, poisoned_test)
+    assert honest["methods"]["fs"]["keep_ratio"] == poisoned["methods"]["fs"]["keep_ratio"] == 0.3
+    assert calls == poisoned_calls
+    assert honest["methods"]["fs"]["test_mean"] == poisoned["methods"]["fs"]["test_mean"]
+    assert honest["methods"]["fs"]["val_scores"] == poisoned["methods"]["fs"]["val_scores"]
+    fs_calls = [c for c in calls if c[0] == "fs"]
+    selection = [(s, p) for _, s, p in fs_calls if s in CFG["select_seeds"]]
+    report = [(s, p) for _, s, p in fs_calls if s in CFG["seeds"]]
+    assert selection == [(s, p) for p in CFG["keep_ratios"] for s in CFG["select_seeds"]]
+    assert report == [(s, 0.3) for s in CFG["seeds"]]  # reported seeds: only the chosen ratio, after selection
+    assert fs_calls.index(("fs", 0, 0.3)) == len(selection)
+    # A dense method has nothing to choose: no selection run.
+    assert [c for c in calls if c[0] == "mtl"] == [("mtl", s, 1.0) for s in CFG["seeds"]]
+    runs = honest["methods"]["fs"]["runs"]
+    assert [(r["seed"], r["keep_ratio"], r["role"]) for r in runs] == [
+        *((s, p, "selection") for p in CFG["keep_ratios"] for s in CFG["select_seeds"]),
+        *((s, 0.3, "report") for s in CFG["seeds"]),
+    ]
+    assert all(r["test_score"] == -(0.4 + 0.01 * r["seed"] + r["keep_ratio"]) for r in runs)
+    assert honest["protocol"]["select_seeds"] == [100, 101] and honest["protocol"]["seeds"] == [0, 1, 2]
+
+
+def test_reported_numbers_sample_std_and_paired_tests(monkeypatch, bench):
+    results, _ = _run(monkeypatch, bench, _val, lambda p, s: 0.4 + (0.1 if p == 1.0 else 0.0) + 0.01 * s * s)
+    fs, mtl = results["methods"]["fs"], results["methods"]["mtl"]
+    per_seed = [0.4 + 0.01 * s * s for s in CFG["seeds"]]
+    assert fs["test_mean"]["mse"] == pytest.approx(statistics.mean(per_seed))
+    assert fs["test_std"]["mse"] == pytest.approx(statistics.stdev(per_seed))  # ddof = 1
+    assert fs["test_score_per_seed"] == pytest.approx([-v for v in per_seed])
+    # FS better than MTL by exactly 0.1 on every seed: zero variance, the t-test is undefined.
+    vs_mtl = fs["paired"]["vs_mtl"]
+    assert vs_mtl["wins"] == 3 and vs_mtl["mean_diff"] == pytest.approx(0.1)
+    assert vs_mtl["ttest"]["p"] is None and "zero variance" in vs_mtl["ttest"]["reason"]
+    assert vs_mtl["wilcoxon"]["p"] == pytest.approx(0.25)  # all 3 positive: 2 * 1/8
+    assert set(fs["paired"]) == {"vs_mtl"} and set(mtl["paired"]) == {"vs_fs"}
+    table = format_table(results)
+    assert "FS: vs mtl: n/a / 0.250 (3/3 seeds better)" in table
+    assert "sample std (ddof=1) over the reported seeds 0,1,2" in table
+
+
+def test_seed_split_is_checked():
+    with pytest.raises(ValueError, match="both reported and used for selection"):
+        ExperimentConfig(seeds=(0, 1), select_seeds=(1, 2))
+    with pytest.raises(ValueError, match="select_seeds must not be empty"):
+        ExperimentConfig(select_seeds=())
+    with pytest.raises(ValueError, match="repeated"):
+        ExperimentConfig(seeds=(0, 0))
+
+
+def _t_cdf_df4(t: float) -> float:
+    """Student's t CDF with 4 degrees of freedom in closed form."""
+    u = t / math.sqrt(4 + t * t)
+    return 0.5 + 0.75 * u - 0.25 * u**3
+
+
+def test_paired_tests_against_hand_computed_values():
+    a = [3.0, 5.0, 1.0, 9.0, 10.0]
+    b = [2.0, 3.0, 4.0, 5.0, 5.0]  # differences 1, 2, -3, 4, 5: no ties, no zeros
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    t = mean / (sd / math.sqrt(5))
+    out = paired_tests(a, b)
+    assert out["n"] == 5 and out["wins"] == 4 and out["losses"] == 1 and out["mean_diff"] == pytest.approx(1.8)
+    assert out["ttest"]["statistic"] == pytest.approx(t)
+    assert out["ttest"]["p"] == pytest.approx(2 * (1 - _t_cdf_df4(t)))
+    # Wilcoxon: ranks of |d| are 1..5, the negative one has rank 3, so W = min(W+, W-) = 3; the exact
+    # two-sided p is 2 P(W <= 3) over the 2^5 equally likely sign patterns.
+    below = sum(1 for r in range(6) for c in itertools.combinations(range(1, 6), r) if sum(c) <= 3)
+    assert out["wilcoxon"]["statistic"] == 3.0
+    assert out["wilcoxon"]["p"] == pytest.approx(2 * below / 32)
+    assert format_p(out["wilcoxon"]) == "0.312"
+
+
+def test_paired_tests_undefined_cases():
+    one = paired_tests([1.0], [0.0])
+    assert one["ttest"]["p"] is None and one["wilcoxon"]["p"] is None and "at least 2" in one["ttest"]["reason"]
+    same = paired_tests([1.0, 2.0], [1.0, 2.0])
+    assert same["ttest"]["p"] is None and "zero" in same["wilcoxon"]["reason"]
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_tests([1.0, 2.0], [1.0])
+    assert sample_std([1.0]) is None and sample_std([1.0, 3.0]) == pytest.approx(math.sqrt(2))
+    assert format_p(None) == "n/a" and format_p({"p": 1e-5}) == "<0.001"
+
+
+@pytest.mark.slow
+def test_protocol_end_to_end_tiny(bench):
+    cfg = ExperimentConfig(
+        benchmark="synthetic",
+        methods=("mtl", "fs"),
+        keep_ratios=(0.3, 0.7),
+        select_seeds=(100,),
+        seeds=(0, 1),
+        epochs=2,
+        warmup=1,
+        update_every=1,
+        samples=16,
+        hidden=16,
+    )
+    results = run_experiment(cfg, benchmark=bench)
+    fs = results["methods"]["fs"]
+    roles = [(r["seed"], r["role"]) for r in fs["runs"]]
+    assert roles == [(100, "selection"), (100, "selection"), (0, "report"), (1, "report")]
+    assert {r["keep_ratio"] for r in fs["runs"] if r["role"] == "report"} == {fs["keep_ratio"]}
+    assert fs["keep_ratio"] == max((0.3, 0.7), key=lambda p: fs["val_scores"][str(p)])
+    assert fs["test_score_std"] == pytest.approx(statistics.stdev(fs["test_score_per_seed"]))
+    assert fs["paired"]["vs_mtl"]["n"] == 2
