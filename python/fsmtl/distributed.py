@@ -49,6 +49,12 @@ def world(group=None) -> tuple[int, int] | None:
     return (dist.get_rank(group), size) if size > 1 else None
 
 
+def world_size() -> int:
+    """Ranks in the default process group (1 when none is initialized)."""
+    w = world()
+    return 1 if w is None else w[1]
+
+
 def is_main_process() -> bool:
     """True on rank 0 and in a single process: the one that writes files and shows progress."""
     w = world()

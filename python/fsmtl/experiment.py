@@ -16,7 +16,7 @@ import fsmtl_kernels as fk
 
 from . import checkpoint as ckpt
 from .data import Benchmark, Split, load_benchmark
-from .distributed import run_record
+from .distributed import run_record, world_size
 from .info import environment
 from .metrics import METRIC_DIRECTION, average_metrics, average_rank
 from .model import count_nonzero_shared
@@ -231,9 +231,10 @@ def planned_runs(cfg: ExperimentConfig, method: str) -> int:
 
 def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> int:
     sizes = benchmark.train.sizes
+    batch = cfg.batch_size * world_size()  # several processes: a step takes one global batch
     if get_method(method).single_task:
-        return sum(-(-n // cfg.batch_size) for n in sizes) * cfg.epochs
-    return -(-max(sizes) // cfg.batch_size) * cfg.epochs
+        return sum(-(-n // batch) for n in sizes) * cfg.epochs
+    return -(-max(sizes) // batch) * cfg.epochs
 
 
 def run_experiment(
