@@ -61,6 +61,12 @@ def is_main_process() -> bool:
     return w is None or w[0] == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world() is not None:
+        dist.barrier()
+
+
 def env_world_size() -> int:
     """``WORLD_SIZE`` set by ``torchrun`` (1 when not launched by it)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -328,6 +334,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     """``fsmtl run --nproc N``: the same command on N local processes through torch's elastic
     launcher (``torch.distributed.run``, what ``torchrun --standalone --nproc_per_node N`` runs);
     each process's output lines carry its rank. Returns the exit code (non-zero if any rank failed)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -338,6 +345,9 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
         failures = "; ".join(f"rank {f.global_rank}: exit code {f.exitcode}" for f in exc.failures.values())
         print(f"fsmtl: error: {nproc} processes: {failures}", file=sys.stderr)
         return 1
+    except SignalException as exc:  # SIGINT/SIGTERM: the launcher passed it on; the ranks stopped cleanly
+        print(f"fsmtl: {nproc} processes stopped by signal {exc.sigval.name}", file=sys.stderr)
+        return 130
     return 0
 
 

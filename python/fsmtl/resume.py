@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .distributed import barrier, is_main_process
 
 RUN_FILE = "run.json"
 
@@ -66,9 +67,10 @@ class RunStore:
         )
 
     def finish(self, run_dir: Path, result: dict) -> dict:
-        ckpt.atomic_save(result, run_dir / "result.pt")
-        for path in ckpt.checkpoints(run_dir):
-            path.unlink(missing_ok=True)  # the result is all a finished run needs
+        if is_main_process():  # rank 0 alone writes in a multi-process run
+            ckpt.atomic_save(result, run_dir / "result.pt")
+            for path in ckpt.checkpoints(run_dir):
+                path.unlink(missing_ok=True)  # the result is all a finished run needs
         return result
 
     def finished_count(self) -> int:
@@ -124,12 +126,18 @@ def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | 
     else:
         directory = Path(new_dir)
         path = directory / RUN_FILE
-        if path.is_file():
-            raise ValueError(f"--checkpoint-dir {directory} already holds a run; continue it with --resume {directory}")
-        ckpt.atomic_write_text(json.dumps({k: _jsonable(v) for k, v in settings.items()}, indent=1), path)
+        if is_main_process():  # several processes: rank 0 writes, the others read it after the barrier
+            if path.is_file():
+                raise ValueError(
+                    f"--checkpoint-dir {directory} already holds a run; continue it with --resume {directory}"
+                )
+            ckpt.atomic_write_text(json.dumps({k: _jsonable(v) for k, v in settings.items()}, indent=1), path)
+        barrier()
         settings = json.loads(path.read_text())
     store = RunStore(directory, every=settings.pop("checkpoint_every"))
-    args.out = Path(settings.pop("out"))
+    out = Path(settings.pop("out"))
+    if is_main_process():  # other ranks keep the scratch folder fsmtl.distributed gave them
+        args.out = out
     return settings, store
 
 
@@ -174,7 +182,8 @@ def interrupted(store: RunStore | None, stop: Exception) -> str:
     for path in sorted(store.directory.glob("runs/*/result.pt")):
         result = torch.load(path, weights_only=False)
         finished[path.parent.name] = {"val": result["val"], "test": result["test"]}
-    ckpt.atomic_write_text(json.dumps(finished, indent=1), store.directory / "partial-results.json")
+    if is_main_process():
+        ckpt.atomic_write_text(json.dumps(finished, indent=1), store.directory / "partial-results.json")
     return (
         f"fsmtl: interrupted ({stop}); {len(finished)} run(s) finished, checkpoint in {store.directory}; "
         f"continue with: fsmtl run --resume {store.directory}"
