@@ -30,7 +30,8 @@ def format_table(results: dict) -> str:
     header = ["Model", "p", *arrows, "Avg Rank"]
     rows = [header]
     for method, r in results["methods"].items():
-        p = "-" if _single_task(method) else "100%" if r["keep_ratio"] is None else f"{r['keep_ratio']:.0%}"
+        p = "100%" if r["keep_ratio"] is None else f"{r['keep_ratio']:.0%}"
+        p = "-" if _single_task(method) and r["keep_ratio"] is None else p  # STL; STL-FS has its p
         cells = [f"{r['test_mean'][n]:.4f} +- {_std(r['test_std'][n])}" for n in names]
         rank = "-" if r.get("avg_rank") is None else f"{r['avg_rank']:.2f}"
         rows.append([_label(method), p, *cells, rank])

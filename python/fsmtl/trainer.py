@@ -110,6 +110,10 @@ class Trainer:
         device_type = self.device.type
         # A GradScaler only for fp16: bf16 has float32's exponent range, so its gradients do not underflow.
         self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
+        if self.scaler is not None and getattr(strategy, "in_turns", False):
+            raise ValueError(
+                "amp='fp16' (a gradient scaler) is not supported with a strategy that updates tasks in turns"
+            )
         # Separate streams: the strategy's sampling must not shift the batch order, so that two
         # strategies with the same seed see the same batches.
         self.generator = torch.Generator().manual_seed(seed)
@@ -431,6 +435,8 @@ class Trainer:
                 self.scaler.update()
                 if self.scaler.get_scale() < scale:
                     self.history["skipped_amp"] += 1
+            elif getattr(self.strategy, "in_turns", False):
+                self._step_in_turns(inputs, targets, losses)
             else:
                 self.strategy.backward(losses)
                 self._all_reduce_grads()
@@ -443,6 +449,23 @@ class Trainer:
             self._epoch_counted += 1
         self.epoch_step += 1
         self.global_step += 1
+
+    def _step_in_turns(self, inputs, targets, losses) -> None:
+        """The tasks' updates in turns (a strategy with ``in_turns``): task t's loss on the parameters
+        the updates of tasks 0..t-1 left, its gradient from ``strategy.backward_task``, one optimizer
+        step per task (task 0 uses the step's loss, computed before any update)."""
+        for t, task in enumerate(self.tasks):
+            if t > 0:
+                loss = task_loss(task, self.model(inputs[t], t, self.strategy.forward_mask(t)), targets[t]).float()
+            else:
+                loss = losses[0]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.strategy.backward_task(t, loss)
+            self._all_reduce_grads()
+            self.strategy.before_optimizer_step()
+            self.optimizer.step()
+            if t < len(self.tasks) - 1:
+                self.strategy.after_optimizer_step()
 
     def _all_reduce_grads(self) -> None:
         """Several ranks: one all-reduce of the combined gradients (shared + heads), weighted by each

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .balancing import gradnorm, mgda_ub, rlw
 from .method import Method
 from .modulation import roaming, routing, se
-from .sparse import fisher, random
+from .sparse import fisher, random, variants
 from .weighting import equal, jacobian
 
 METHODS: dict[str, Method] = {}
@@ -32,6 +32,6 @@ def get_method(name: str) -> Method:
 
 # Table order: dense baselines, sparse methods, the gradient-balancing peers, then the per-task
 # activation modulations.
-for _module in (equal, random, fisher, jacobian, gradnorm, mgda_ub, rlw, se, routing, roaming):
+for _module in (equal, random, fisher, variants, jacobian, gradnorm, mgda_ub, rlw, se, routing, roaming):
     for _method in _module.METHODS:
         register_method(_method)

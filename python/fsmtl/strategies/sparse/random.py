@@ -1,4 +1,5 @@
-"""RS: random masks at the same keep ratio, re-drawn on the same schedule as FS."""
+"""RS: random masks at the same keep ratio, drawn once (the sparse-sharing literature, e.g. Sun et
+al. 2020) or re-drawn on the same schedule as FS (``rs-redraw``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,22 @@ from .base import SparseStrategy
 
 
 class RandomSparse(SparseStrategy):
-    """Each task keeps a uniformly random subset of ``keep_ratio`` of the masked trunk entries."""
+    """Each task keeps a uniformly random subset of ``keep_ratio`` of the masked trunk entries.
+
+    Args:
+        redraw: False (default) draws the masks once, at the first update the schedule makes due,
+            and keeps them for the rest of training; True draws new ones at every scheduled update.
+        Others as :class:`~fsmtl.strategies.sparse.base.SparseStrategy`.
+    """
+
+    def __init__(self, keep_ratio, *, redraw: bool = False, **kwargs) -> None:
+        super().__init__(keep_ratio, **kwargs)
+        self.redraw = bool(redraw)
+
+    def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
+        if self.mask is not None and not self.redraw:
+            return None  # fixed masks: drawn once
+        return super().on_step(epoch, step, epoch_start)
 
     def compute_mask(self) -> fk.PackedMask:
         ctx = self.context
@@ -23,10 +39,17 @@ class RandomSparse(SparseStrategy):
         return fk.topk_mask_batched(scores, self.keep_ratio)
 
 
-def _random_sparse(options) -> RandomSparse:
+def _random_sparse(redraw: bool, options) -> RandomSparse:
     return RandomSparse(
-        options.keep_ratio, schedule=options.schedule, mask_forward=options.mask_forward, normalize=options.normalize
+        options.keep_ratio,
+        redraw=redraw,
+        schedule=options.schedule,
+        mask_forward=options.mask_forward,
+        normalize=options.normalize,
     )
 
 
-METHODS = (Method("rs", "RS", _random_sparse, RandomSparse, sparse=True),)
+# ``rs-redraw`` is registered with the other variants (:mod:`.variants`), after the paper's methods.
+METHODS = (
+    Method("rs", "RS", lambda options: _random_sparse(False, options), RandomSparse, variant="fixed", sparse=True),
+)
