@@ -170,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", type=Path, default=None, metavar="DIR", help="continue the run checkpointed in DIR (its settings)"
     )
     sub.add_parser("benchmarks", help="list the benchmarks with their options, types and defaults")
+    study = sub.add_parser(
+        "study",
+        help="run a declared grid of experiments (resumable) and write a Markdown report",
+        description="Run the grid of a study spec (JSON; see fsmtl.study): every setting under the evaluation "
+        "protocol, each finished run saved in OUT/cells and skipped when the study runs again; writes "
+        "OUT/study.json, OUT/report.md and its figures.",
+    )
+    study.add_argument("spec", type=Path, help="the study spec, a JSON file (e.g. benchmarks/studies/*.json)")
+    study.add_argument("--out", type=Path, required=True, help="output folder (the cells of earlier runs are reused)")
     sub.add_parser("info", help="print versions, backends, the C++ extension's build status and thread settings")
     return parser
 
@@ -299,6 +308,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "benchmarks":
             return benchmarks_command()
+        if args.command == "study":
+            from .study import load_spec, run_study
+
+            run_study(load_spec(args.spec), args.out, log=lambda line: print(line, flush=True))
+            print(f"wrote {args.out}/report.md, study.json and figures")
+            return 0
         if args.command == "info":
             from .info import report
 
