@@ -92,18 +92,18 @@ def test_output_directory_checks(tmp_path, capsys, no_training):
 def test_an_earlier_run_is_refused_then_replaced_with_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    old = {"results.json": "{}", "table.txt": "old", "overlap_fs.png": "old", "per_task_f1.png": "old"}
+    for name, text in old.items():  # an earlier run with FS
+        (out / name).write_text(text)
     (out / "notes.txt").write_text("mine")  # not a file fsmtl writes: never deleted
-    assert main(["run", *TINY_MASKED, "--methods", "mtl,fs", "--out", str(out)]) == 0
-    assert (out / "overlap_fs.png").is_file()
-    capsys.readouterr()
-    before = (out / "results.json").read_text()
     assert main(["run", *TINY_MASKED, "--methods", "mtl", "--out", str(out)]) == 2
     err = _one_error(capsys)
     assert "holds another run's results" in err and "results.json" in err and "--overwrite" in err
-    assert (out / "results.json").read_text() == before  # refused: nothing touched
+    assert all((out / name).read_text() == text for name, text in old.items())  # refused: nothing touched
     assert main(["run", *TINY_MASKED, "--methods", "mtl", "--out", str(out), "--overwrite"]) == 0
     assert not (out / "overlap_fs.png").exists()  # the earlier run's stale figure is gone
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"mtl"}
+    assert (out / "per_task_f1.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "notes.txt").read_text() == "mine"
 
 
@@ -134,7 +134,7 @@ def test_a_stop_request_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
 def test_sigterm_in_a_real_process_keeps_finished_runs_and_a_readable_log(tmp_path):
     out, log = tmp_path / "out", tmp_path / "log.txt"
     args = ["run", "--benchmark", "digits-attributes", "--methods", "mtl,fs", "--seeds", "0,1,2",
-            "--keep-ratios", "0.5", "--epochs", "20", "--hidden", "16", "--warmup", "1", "--samples", "32",
+            "--keep-ratios", "0.5", "--epochs", "10", "--hidden", "16", "--warmup", "1", "--samples", "32",
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as f:
@@ -236,3 +236,16 @@ def test_setup_records_the_compilers_first_error(tmp_path):
     recorded = (tmp_path / "lib" / "fsmtl_kernels" / "_build_error.txt").read_text().splitlines()
     assert recorded[0] == "C++ build failed: csrc/x.cpp:3:1: error: expected ';' before '}' token"
     assert (tmp_path / "lib" / "fsmtl_kernels" / "_build.log").stat().st_size > 0
+
+
+def test_a_second_signal_stops_at_once():
+    from fsmtl.resume import stop_on_signals
+
+    with stop_on_signals():
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the current step
+        time.sleep(0.01)
+        assert ckpt.STOP.is_set()
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the second: now
+            time.sleep(0.5)
+    assert not ckpt.STOP.is_set()

@@ -156,11 +156,14 @@ def _jsonable(value):
 @contextmanager
 def stop_on_signals():
     """While active, SIGINT and SIGTERM ask training to stop after the current step (a Trainer then
-    writes a checkpoint and raises :class:`~fsmtl.checkpoint.TrainingInterrupted`)."""
+    writes a checkpoint and raises :class:`~fsmtl.checkpoint.TrainingInterrupted`); a second signal
+    before that raises ``KeyboardInterrupt`` at once (for a step that takes too long)."""
     ckpt.STOP.clear()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
+        if ckpt.STOP.is_set():
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         ckpt.STOP.set()
 
     for s in previous:
