@@ -116,7 +116,7 @@ def check(model, expected):
         torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=1e-10, msg=lambda m, i=i: f"param {i}: {m}")
 
 
-@pytest.mark.parametrize("batched", [False, True, "auto"], ids=["sequential", "batched", "auto"])
+@pytest.mark.parametrize("batched", [False, True, "auto", "measure"])
 @pytest.mark.parametrize("normalize", fk.NORMALIZE_MODES)
 @pytest.mark.parametrize("kind", list(TRUNKS))
 @pytest.mark.parametrize("heterogeneous", [False, True], ids=["homogeneous", "heterogeneous"])

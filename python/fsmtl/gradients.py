@@ -106,7 +106,7 @@ def _selected_count(mask: fk.PackedMask, dtype: torch.dtype, backend: str) -> li
 
 _COUNTS: dict[tuple, tuple] = {}
 
-#: The mode ``batched="auto"`` measured, per (input parameters, T, device).
+#: The mode ``batched="measure"`` measured, per (input parameters, T, device).
 _CHOICE: dict[tuple, bool] = {}
 
 
@@ -202,9 +202,11 @@ def masked_multitask_backward(
     Args:
         batched: ``False``: T backward passes (the floor every gradient-manipulation method
             shares); ``True``: batched vector-Jacobian products (``is_grads_batched``; a model
-            without batching rules falls back to T passes with a warning); ``"auto"``: both are
-            timed once, at the first call for the same parameters, T and device, and the faster
-            one is kept for later calls (see :func:`batched_choice`).
+            without batching rules falls back to T passes with a warning); ``"auto"``: the rule
+            of :func:`auto_batched` (deterministic, so runs and resumed runs agree bit for bit);
+            ``"measure"``: both timed once, at the first call for the same parameters, T and
+            device, the faster kept for later calls (:func:`batched_choice`; the two modes may
+            differ in the last bits, so the choice can change results between runs).
         boundary: activations separating the trunk's lower, unmasked layers from the masked ones
             (``MultiTaskModel.pop_forward_record()``). Dense parameters that reach the losses only
             through them get their task average from one backward of the boundary's summed
@@ -229,8 +231,8 @@ def masked_multitask_backward(
         raise ValueError(f"mask has {mask.num_tasks} tasks but there are {len(losses)} losses")
     if normalize not in fk.NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
-    if batched not in (True, False, "auto"):
-        raise ValueError(f"batched must be True, False or 'auto', got {batched!r}")
+    if batched not in (True, False, "auto", "measure"):
+        raise ValueError(f"batched must be True, False, 'auto' or 'measure', got {batched!r}")
     masked = list(masked_params)
     heads = list(head_params)
     below, above, cut = _dense_split(losses, list(dense_params), boundary)
@@ -240,7 +242,12 @@ def masked_multitask_backward(
     numels = [x.numel() for x in inputs]
     chunk = max(1, min(num_tasks, num_tasks * max(numels) // max(1, sum(numels))))
     key = (tuple(id(x) for x in masked + above + heads), tuple(x.shape for x in cut), num_tasks, inputs[0].device)
-    mode = _CHOICE.get(key, batched) if batched == "auto" else batched
+    if batched == "auto":
+        mode = auto_batched(inputs)
+    elif batched == "measure":
+        mode = _CHOICE.get(key, "measure")
+    else:
+        mode = batched
 
     def run(use_batched: bool) -> _Sums:
         sums = _Sums(masked, others, mask, backend)
@@ -248,7 +255,7 @@ def masked_multitask_backward(
             sums.add(t, grads)
         return sums
 
-    if mode == "auto":
+    if mode == "measure":
         # Timed once: batched first (it also pays first-call costs, which favours the
         # sequential mode, the one with the smaller memory), then sequential, whose sums are used.
         sync = torch.cuda.synchronize if inputs[0].device.type == "cuda" else (lambda: None)
@@ -303,8 +310,26 @@ def masked_multitask_backward(
             p.grad = torch.zeros_like(p)
 
 
+#: Below this many entries (parameters and boundary) one batched product beats T backward calls
+#: on CPU: digits MLP 64-128-128 (25,864 entries, T = 8): batched 5.2 ms, sequential 6.1 ms; an MLP
+#: of 1.4M and a CNN of 1.1M parameters: sequential 1.5-3x faster (benchmarks/step_table.py).
+AUTO_BATCHED_MAX_ENTRIES = 1 << 17
+
+
+def auto_batched(inputs: Sequence[torch.Tensor]) -> bool:
+    """The rule of ``batched="auto"``: batched vector-Jacobian products for small models (at most
+    :data:`AUTO_BATCHED_MAX_ENTRIES` entries, where the T calls' fixed costs dominate) and, on
+    CUDA, for models without convolution weights (more than 2 dims); T backward passes
+    otherwise. On CPU, batching convolution backward over T is slower than T passes and holds
+    T times the activation gradients (measured in benchmarks/step_table.py); on CUDA the rule is
+    not measured yet."""
+    if sum(x.numel() for x in inputs) <= AUTO_BATCHED_MAX_ENTRIES:
+        return True
+    return inputs[0].device.type == "cuda" and all(x.dim() <= 2 for x in inputs)
+
+
 def batched_choice() -> dict[tuple, bool]:
-    """What ``batched="auto"`` measured so far: (parameter ids, boundary shapes, T, device) ->
+    """What ``batched="measure"`` measured so far: (parameter ids, boundary shapes, T, device) ->
     True where the batched vector-Jacobian product was faster than T backward passes."""
     return dict(_CHOICE)
 

@@ -32,9 +32,9 @@ class SparseStrategy(Strategy):
             but momentum keeps moving it by its old velocity and weight decay shrinks it.
         batched_grads: how the T per-task gradients are computed when the tasks share one trunk
             forward: ``True`` batched vector-Jacobian products, ``False`` T backward passes,
-            ``"auto"`` (default) the faster of the two, timed once at the first masked step
-            (:func:`fsmtl.masked_multitask_backward`). Separate trunk forwards (heterogeneous
-            tasks, ``mask_forward``) always take T backward passes. Either way each task's
+            ``"auto"`` (default) the rule of :func:`fsmtl.gradients.auto_batched`,
+            ``"measure"`` the faster of the two, timed once at the first masked step. Separate
+            trunk forwards (heterogeneous tasks, ``mask_forward``) always take T backward passes. Either way each task's
             gradient is streamed into the masked sum (no ``[T, P]`` buffer), and trunk layers
             below ``masked_modules`` get one backward of the summed loss.
     """
@@ -61,8 +61,8 @@ class SparseStrategy(Strategy):
         self.mask_forward = bool(mask_forward)
         self.normalize = normalize
         self.freeze_unselected = bool(freeze_unselected)
-        if batched_grads not in (True, False, "auto"):
-            raise ValueError(f"batched_grads must be True, False or 'auto', got {batched_grads!r}")
+        if batched_grads not in (True, False, "auto", "measure"):
+            raise ValueError(f"batched_grads must be True, False, 'auto' or 'measure', got {batched_grads!r}")
         self.batched_grads = batched_grads
         self.mask: fk.PackedMask | None = None
         self._forward_masks: list[list[torch.Tensor]] | None = None
