@@ -37,14 +37,15 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same dir, fsync, ``os.replace``)."""
+def _atomic_write(path: str | os.PathLike[str], mode: str, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it onto
+    ``path`` and fsync the directory: a reader (or a kill -9) sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,24 +54,16 @@ def atomic_save(obj, path: str | os.PathLike[str]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_save(obj, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same dir, fsync, ``os.replace``)."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> Path:
     """Write ``text`` to ``path`` atomically, as :func:`atomic_save`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
