@@ -10,7 +10,7 @@ import pytest
 from fsmtl import experiment
 from fsmtl.data import load_benchmark
 from fsmtl.experiment import ExperimentConfig, run_experiment
-from fsmtl.report import format_table
+from fsmtl.report import format_table, plot_keep_ratio_curves
 from fsmtl.stats import format_p, paired_tests, sample_std
 
 
@@ -98,6 +98,14 @@ def test_reported_numbers_sample_std_and_paired_tests(monkeypatch, bench):
     table = format_table(results)
     assert "FS: vs mtl: n/a / 0.250 (3/3 seeds better)" in table
     assert "sample std (ddof=1) over the reported seeds 0,1,2" in table
+
+
+def test_keep_ratio_curve_figure(monkeypatch, bench, tmp_path):
+    results, _ = _run(monkeypatch, bench, _val, lambda p, s: 0.4 + p)
+    assert [p.name for p in plot_keep_ratio_curves(results, tmp_path)] == ["keep_ratio_curve.png"]
+    assert (tmp_path / "keep_ratio_curve.png").stat().st_size > 0
+    results["methods"]["fs"]["runs"] = [r for r in results["methods"]["fs"]["runs"] if r["role"] == "report"]
+    assert plot_keep_ratio_curves(results, tmp_path) == []  # no choice, no curve
 
 
 def test_seed_split_is_checked():

@@ -186,4 +186,48 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
         paths.append(out_dir / f"overlap_{m}.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    paths += plot_keep_ratio_curves(results, out_dir)
     return paths
+
+
+def plot_keep_ratio_curves(results: dict, out_dir: Path) -> list[Path]:
+    """The paper's Fig. 4 from the selection runs: per sparse method, the test score at each keep
+    ratio (mean +- sample std over the selection seeds; these scores never chose anything), the
+    chosen ratio circled, and MTL's score over the reported seeds as a line. None without a choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    curves = {}
+    for m, r in results["methods"].items():
+        runs = [x for x in r.get("runs", []) if x["role"] == "selection"]
+        ratios = sorted({x["keep_ratio"] for x in runs})
+        if len(ratios) > 1:
+            scores = [[x["test_score"] for x in runs if x["keep_ratio"] == p] for p in ratios]
+            curves[m] = (ratios, scores, r["keep_ratio"])
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, (ratios, scores, chosen) in curves.items():
+        means = [float(np.mean(s)) for s in scores]
+        errs = [float(np.std(s, ddof=1)) if len(s) > 1 else np.nan for s in scores]
+        line = ax.errorbar(ratios, means, yerr=errs, marker="o", capsize=3, label=f"{_label(m)} (chosen p={chosen:g})")
+        ax.plot([chosen], [means[ratios.index(chosen)]], "o", ms=12, mfc="none", color=line[0].get_color())
+    if "mtl" in results["methods"]:
+        mtl = results["methods"]["mtl"]
+        ax.axhline(mtl["test_score_mean"], color="k", linestyle="--", label="MTL (reported seeds)")
+        if mtl.get("test_score_std"):
+            lo, hi = mtl["test_score_mean"] - mtl["test_score_std"], mtl["test_score_mean"] + mtl["test_score_std"]
+            ax.axhspan(lo, hi, color="k", alpha=0.08)
+    seeds = ",".join(map(str, results.get("protocol", {}).get("select_seeds", [])))
+    ax.set_xlabel("keep ratio p")
+    ax.set_ylabel("test score (mean primary metric over tasks,\nsigned: higher is better)")
+    ax.set_title(f"{results['benchmark']['name']}: test score by keep ratio, selection seeds {seeds}", fontsize="small")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = out_dir / "keep_ratio_curve.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
