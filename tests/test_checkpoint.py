@@ -225,8 +225,10 @@ CLI_ARGS = [
 
 
 def _strip_timing(results: dict) -> dict:
+    """Without the fields that say when, where and by which command the run was made."""
     results = dict(results)
-    results.pop("seconds", None)
+    for key in ("seconds", "started_at", "ended_at", "environment", "command"):
+        results.pop(key, None)
     return results
 
 

@@ -82,7 +82,7 @@ def test_run_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["run", "--methods", "fs,nope"], "methods"),
+        (["run", "--methods", "fs,nope"], "unknown method(s) nope"),
         (["run", "--benchmark", "imagenet"], "imagenet"),
         (["run", "--keep-ratios", "0,0.5"], "keep_ratios"),
         (["run", "--epochs", "0"], "epochs"),
