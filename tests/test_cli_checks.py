@@ -92,7 +92,7 @@ def test_output_directory_checks(tmp_path, capsys, no_training):
 def test_an_earlier_run_is_refused_then_replaced_with_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    old = {"results.json": "{}", "table.txt": "old", "overlap_fs.png": "old", "per_task_f1.png": "old"}
+    old = {"results.json": "{}", "table.txt": "old", "overlap_fs.png": "old", "keep_ratio_curve.png": "old"}
     for name, text in old.items():  # an earlier run with FS
         (out / name).write_text(text)
     (out / "notes.txt").write_text("mine")  # not a file fsmtl writes: never deleted
@@ -101,7 +101,8 @@ def test_an_earlier_run_is_refused_then_replaced_with_overwrite(tmp_path, capsys
     assert "holds another run's results" in err and "results.json" in err and "--overwrite" in err
     assert all((out / name).read_text() == text for name, text in old.items())  # refused: nothing touched
     assert main(["run", *TINY_MASKED, "--methods", "mtl", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "overlap_fs.png").exists()  # the earlier run's stale figure is gone
+    assert not (out / "overlap_fs.png").exists()  # the earlier run's stale figures are gone
+    assert not (out / "keep_ratio_curve.png").exists()
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"mtl"}
     assert (out / "per_task_f1.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "notes.txt").read_text() == "mine"

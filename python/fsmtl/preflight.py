@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # What ``fsmtl run`` writes to --out; a directory holding any of them holds another run's results.
-OUTPUT_FILES = ("results.json", "results.csv", "table.txt", "partial-results.json")
+OUTPUT_FILES = ("results.json", "results.csv", "table.txt", "partial-results.json", "keep_ratio_curve.png")
 OUTPUT_PATTERNS = ("per_task_*.png", "overlap_*.png")
 PARTIAL_RESULTS = "partial-results.json"
 
