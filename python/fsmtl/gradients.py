@@ -161,6 +161,51 @@ class _Sums:
                 self.others_seen[i] = True
 
 
+def _sequential(losses, masked, others, mask, backend) -> _Sums:
+    """T backward passes, each masked parameter's gradient added into its running sum the moment
+    autograd produces it (a post-accumulate-grad hook per parameter, then ``.grad`` dropped): the
+    one-layer gradient is consumed while in cache and at most one layer's task gradient exists at
+    a time. ``others`` (dense parameters above the boundary, heads, boundary activations)
+    accumulate in their own ``.grad`` over the T passes, copied into the sums at the end."""
+    sums = _Sums(masked, [], mask, backend)
+    device = masked[0].device if masked else others[0].device
+    run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
+    offsets = mask.word_offsets if mask is not None else []
+    task = [0]
+
+    def hook_for(i: int):
+        def hook(p: torch.Tensor) -> None:
+            g, p.grad = p.grad, None
+            if run is None:
+                sums.masked[i].add_(g)
+            else:
+                run([sums.masked[i]], [g], mask.words, [offsets[i]], task[0])
+
+        return hook
+
+    for o in others:
+        if not o.is_leaf:
+            o.retain_grad()  # a boundary activation: its .grad collects the T passes' sum
+    saved = [o.grad for o in others]
+    for p in masked:
+        p.grad = None  # the accumulator may be the old .grad (zeroed), kept in sums.masked
+    for o in others:
+        o.grad = None
+    handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(masked)]
+    try:
+        for t, loss in enumerate(losses):
+            task[0] = t
+            torch.autograd.backward(loss, inputs=masked + others, retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+    sums.others = [o.grad if o.grad is not None else torch.zeros_like(o) for o in others]
+    sums.others_seen = [o.grad is not None for o in others]
+    for o, old in zip(others, saved):
+        o.grad = old
+    return sums
+
+
 def _accumulator(p: torch.Tensor) -> torch.Tensor:
     """A zeroed running sum for ``p``: its ``.grad`` when that can hold the sum (float32/float64,
     contiguous, p's shape), else a new float32 (float64 for float64 parameters) tensor."""
@@ -250,6 +295,8 @@ def masked_multitask_backward(
         mode = batched
 
     def run(use_batched: bool) -> _Sums:
+        if not use_batched:
+            return _sequential(losses, masked, others, mask, backend)
         sums = _Sums(masked, others, mask, backend)
         for t, grads in _task_rows(losses, inputs, use_batched, chunk):
             sums.add(t, grads)
