@@ -89,9 +89,14 @@ def reference_grads(model, mask, xs, ys, normalize, mask_forward):
     sums = [torch.zeros_like(p) for p in masked]
     dense_sum = [torch.zeros_like(p) for p in dense]
     head_sum = [torch.zeros_like(p) for p in heads]
+    names = model._masked_names
     for t in range(T):
-        m = [b[t] for b in bools] if mask_forward else None
-        loss = ((model(xs[t], t, m) - ys[t]) ** 2).mean()
+        if mask_forward:  # Eq. 3 spelled out: the trunk on S_t * theta (no saved-tensor hooks)
+            weights = {n: p * b[t] for n, p, b in zip(names, masked, bools)}
+            features = torch.func.functional_call(model.trunk, weights, (xs[t],))
+        else:
+            features = model.trunk(xs[t])
+        loss = ((model.heads[t](features) - ys[t]) ** 2).mean()
         grads = torch.autograd.grad(loss, masked + dense + heads, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, masked + dense + heads)]
         for s, g, b in zip(sums, grads, bools):
@@ -267,3 +272,28 @@ def test_batched_mode_holds_at_most_t_times_the_largest_parameter(monkeypatch):
     )
     # chunks of max(1, T * largest // total) tasks
     assert len(seen) > 1 and max(seen) <= max(T * largest, total) < T * total
+
+
+def test_mask_forward_saves_no_masked_weight_copies(monkeypatch):
+    """A masked forward's graph keeps each masked weight as (parameter, bool mask), rebuilt by
+    the backward: no tensor it saves shares storage with a masked copy."""
+    from fsmtl import model as model_module
+
+    model = make_model("full")
+    mask = make_mask(model)
+    xs, _ = make_data(False)
+    packed, kept = [], []
+    pack = model_module._SavedMasked.pack
+
+    def spy(self, t):
+        out = pack(self, t)
+        (packed if isinstance(out, tuple) else kept).append(out)
+        if not isinstance(out, tuple):
+            assert out.untyped_storage().data_ptr() not in self.sources
+        return out
+
+    monkeypatch.setattr(model_module._SavedMasked, "pack", spy)
+    model(xs[0], 0, mask.to_bool(0)).sum().backward()
+    # The weights of Linear layers 2-4 (layer 1's input needs no gradient, biases are not saved).
+    assert len(packed) == 3
+    assert all(any(p is q for q in model.masked_parameters()) for _, p, *_ in packed)

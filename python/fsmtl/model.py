@@ -90,7 +90,17 @@ class MultiTaskModel(nn.Module):
             overrides = {
                 n: torch.where(m, p, 0.0) for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)
             }
-            return functional_call(self.trunk, overrides, (x,))
+            if not torch.is_grad_enabled():
+                return functional_call(self.trunk, overrides, (x,))
+            # The layers save their (masked) weights for the backward: T task forwards would hold T
+            # masked copies of theta_sh. Saved as (parameter, bool mask) instead and recomputed by
+            # the backward, so each copy lives only during its own forward.
+            sources = {
+                w.untyped_storage().data_ptr(): (p, m)
+                for w, p, m in zip(overrides.values(), self.masked_parameters(), mask)
+            }
+            with torch.autograd.graph.saved_tensors_hooks(_SavedMasked(sources).pack, _SavedMasked.unpack):
+                return functional_call(self.trunk, overrides, (x,))
         finally:
             for h in handles:
                 h.remove()
@@ -124,6 +134,29 @@ class MultiTaskModel(nn.Module):
                 for n, m in zip(self._masked_names, mask):
                     params[n].masked_fill_(~m, 0.0)
         return nn.Sequential(trunk, copy.deepcopy(self.heads[task])).eval()
+
+
+class _SavedMasked:
+    """Saved-tensor hooks of a masked forward: a tensor that shares storage with a masked weight
+    ``where(m, p, 0)`` is saved as ``(p, m, size, stride, offset)`` and rebuilt on unpack (same
+    values: ``p`` does not change between a forward and its backward)."""
+
+    def __init__(self, sources: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.sources = sources
+
+    def pack(self, t: torch.Tensor):
+        if t.layout == torch.strided and t.device.type != "meta":
+            hit = self.sources.get(t.untyped_storage().data_ptr())
+            if hit is not None:
+                return (_SavedMasked, hit[0], hit[1], t.size(), t.stride(), t.storage_offset())
+        return t
+
+    @staticmethod
+    def unpack(saved):
+        if isinstance(saved, tuple) and saved[0] is _SavedMasked:
+            _, p, m, size, stride, offset = saved
+            return torch.where(m, p.detach(), 0.0).as_strided(size, stride, offset)
+        return saved
 
 
 class _ForwardRecord:
