@@ -1,0 +1,306 @@
+"""One multi-task training step (forward + backward, no optimizer), peers side by side, for an MLP
+and a CNN trunk of >= 1M parameters at T = 2, 8, 40 (issue 14).
+
+Columns: median ms per step over ``--repeats`` steps after one warm-up step, and the peak resident
+memory the step adds. Each (model, T, method) runs in a fresh process with glibc's mmap threshold
+fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor larger than that is mapped on
+allocation and unmapped on free, and the resident set follows the tensors alive. The process resets
+its peak (``/proc/self/clear_refs``, 5) after the warm-up, runs one step and reads ``VmHWM``: the
+step's peak minus ``VmRSS`` before it, i.e. everything the step allocates at its peak (activations
+and the graph included). "extra" subtracts the floor's figure at the same T: what a method holds
+beyond the forward and T plain backward passes.
+
+Methods:
+* ``dense``: dense MTL, one backward of ``sum_t L_t``.
+* ``floor``: the forward and T ``autograd.grad`` calls of every trainable parameter (the cost
+  every method with exact per-task gradients pays); gradients dropped.
+* ``fsmtl-seq`` / ``fsmtl-batched`` / ``fsmtl-auto``: :func:`fsmtl.masked_multitask_backward`
+  with the masks over the whole trunk, ``batched=False/True/"auto"``.
+* ``partial-top2``: masks over the top 2 of the trunk's 6 layers (dense layers below, one
+  backward through them via the boundary), ``batched="auto"``.
+* ``mask-forward``: Eq. 3, each task's forward on ``S_t * theta`` (T trunk forwards), then the
+  masked backward, as the Trainer runs it.
+* ``torchjd-mgda`` / ``torchjd-upgrad``: the Jacobian of the trunk, aggregated by torchjd.
+* ``libmtl-loop``: LibMTL's way: per task ``backward(retain_graph=True)``, the flattened trunk
+  gradient copied into a ``[T, P]`` buffer, then the masked combination by hand.
+
+Run: ``OMP_WAIT_POLICY=PASSIVE taskset -c 1 python benchmarks/step_table.py`` (one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = (
+    "dense",
+    "floor",
+    "fsmtl-seq",
+    "fsmtl-batched",
+    "fsmtl-auto",
+    "partial-top2",
+    "mask-forward",
+    "torchjd-mgda",
+    "torchjd-upgrad",
+    "libmtl-loop",
+)
+KEEP = 0.3
+
+
+def build(model_name: str, num_tasks: int, masked_modules=None):
+    from torch import nn
+
+    import fsmtl
+
+    if model_name == "mlp":
+        width = 512
+        layers = [nn.Linear(256, width), nn.ReLU()]
+        for _ in range(5):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        trunk = nn.Sequential(*layers)
+        top2 = ["8", "10"]
+        feat = width
+    else:
+        chans = [3, 64, 128, 256, 256]
+        layers = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()]
+        trunk = nn.Sequential(*layers)
+        top2 = ["14", "16"]
+        feat = 256
+    heads = [nn.Linear(feat, 1) for _ in range(num_tasks)]
+    return fsmtl.MultiTaskModel(trunk, heads, masked_modules=top2 if masked_modules == "top2" else None)
+
+
+def inputs(model_name: str, batch: int, num_tasks: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 256, generator=gen) if model_name == "mlp" else torch.randn(batch, 3, 32, 32, generator=gen)
+    ys = [torch.randint(0, 2, (batch, 1), generator=gen).float() for _ in range(num_tasks)]
+    return x, ys
+
+
+def make_step(method: str, model_name: str, num_tasks: int, batch: int):
+    import torch
+
+    import fsmtl
+    import fsmtl_kernels as fk
+
+    torch.manual_seed(0)
+    model = build(model_name, num_tasks, "top2" if method == "partial-top2" else None)
+    x, ys = inputs(model_name, batch, num_tasks)
+    params = model.masked_parameters()
+    gen = torch.Generator().manual_seed(1)
+    mask = fk.topk_mask_batched([torch.rand(num_tasks, *p.shape, generator=gen) for p in params], KEEP)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def losses(masks=None):
+        if masks is None:
+            f = model.features(x)
+            return [bce(h(f), y) for h, y in zip(model.heads, ys)]
+        return [bce(model(x, t, masks[t]), y) for t, y in enumerate(ys)]
+
+    def zero():
+        for p in model.parameters():
+            p.grad = None
+
+    if method == "dense":
+
+        def step():
+            zero()
+            torch.stack(losses()).sum().backward()
+    elif method == "floor":
+        every = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            zero()
+            for loss in losses():
+                torch.autograd.grad(loss, every, retain_graph=True, allow_unused=True)
+    elif method in ("fsmtl-seq", "fsmtl-batched", "fsmtl-auto", "partial-top2"):
+        batched = {"fsmtl-seq": False, "fsmtl-batched": True}.get(method, "auto")
+
+        def step():
+            zero()
+            ls = losses()
+            boundary, _ = model.pop_forward_record()
+            fsmtl.masked_multitask_backward(
+                ls,
+                model.masked_parameters(),
+                mask,
+                dense_params=model.dense_shared_parameters(),
+                head_params=model.head_parameters(),
+                batched=batched,
+                boundary=boundary,
+            )
+    elif method == "mask-forward":
+        strategy = fsmtl.RandomSparse(KEEP, mask_forward=True)
+        from fsmtl.strategies import TrainingContext
+
+        strategy.context = TrainingContext(model, [None] * num_tasks, None, None)
+        strategy.set_mask(mask)
+        masks = [strategy.forward_mask(t) for t in range(num_tasks)]
+
+        def step():
+            zero()
+            strategy.backward(losses(masks))
+    elif method.startswith("torchjd"):
+        from fsmtl.strategies import JacobianAggregation, TrainingContext
+
+        strategy = JacobianAggregation(method.split("-")[1])
+        strategy.context = TrainingContext(model, [None] * num_tasks, None, None)
+
+        def step():
+            zero()
+            strategy.backward(losses())
+    elif method == "libmtl-loop":
+        shared = model.shared_parameters()
+        bools = [m.reshape(num_tasks, -1) for m in mask.to_bool_stacked()]
+        flat_mask = torch.cat(bools, dim=1)
+        total = flat_mask.shape[1]
+
+        def step():
+            zero()
+            ls = losses()
+            grads = torch.zeros(num_tasks, total)  # LibMTL's grads[T, P]
+            for t, loss in enumerate(ls):
+                loss.backward(retain_graph=True)
+                grads[t] = torch.cat([p.grad.reshape(-1) for p in shared])
+                for p in shared:
+                    p.grad = None
+            combined = (grads * flat_mask).sum(0) / num_tasks
+            offset = 0
+            for p in shared:
+                p.grad = combined[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+    else:
+        raise ValueError(method)
+    return step, sum(p.numel() for p in model.shared_parameters()), max(p.numel() for p in model.shared_parameters())
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def worker(args) -> None:
+    """Timing (``--method all``): every method's step built in this process, one warm-up each,
+    then ``repeats`` rounds taking the methods in turn (so load changes hit them alike); medians.
+    Memory (one ``--method``): one warm-up step, the peak reset, one measured step."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.method == "all":
+        steps = {m: make_step(m, args.model, args.tasks, args.batch) for m in args.methods.split(",")}
+        for step, _, _ in steps.values():
+            step()
+        times = {m: [] for m in steps}
+        for _ in range(args.repeats):
+            for m, (step, _, _) in steps.items():
+                start = time.perf_counter()
+                step()
+                times[m].append(time.perf_counter() - start)
+        info = next(iter(steps.values()))
+        out = {m: 1000 * statistics.median(t) for m, t in times.items()}
+        print(json.dumps({"ms": out, "P": info[1], "largest": info[2]}))
+        return
+    step, total, largest = make_step(args.method, args.model, args.tasks, args.batch)
+    step()  # warm-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
+    step()
+    print(json.dumps({"peak_mib": (status_kib("VmHWM") - before) / 1024, "P": total, "largest": largest}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--tasks", default="2,8,40")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch-t40-cnn", type=int, default=16, help="batch of the CNN at T = 40 (run time)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--model")
+    parser.add_argument("--method")
+    parser.add_argument("--out", default=None)
+    args, _ = parser.parse_known_args()
+    if args.worker:
+        args.tasks = int(args.tasks)
+        worker(args)
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
+    rows = []
+    for model_name in args.models.split(","):
+        for num_tasks in [int(t) for t in args.tasks.split(",")]:
+            batch = args.batch_t40_cnn if (model_name == "cnn" and num_tasks >= 40) else args.batch
+            methods = args.methods.split(",")
+            base = [sys.executable, __file__, "--worker", "--model", model_name, "--tasks", str(num_tasks)]
+            base += ["--batch", str(batch), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            results = {m: {} for m in methods}
+            for method in methods:
+                proc = subprocess.run([*base, "--method", method], capture_output=True, text=True, env=env)
+                if proc.returncode != 0:
+                    results[method]["error"] = proc.stderr.strip().splitlines()[-1]
+                else:
+                    results[method].update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            proc = subprocess.run(
+                [*base, "--method", "all", "--methods", ",".join(m for m in methods if "error" not in results[m])],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if proc.returncode != 0:
+                raise SystemExit(proc.stderr)
+            timing = json.loads(proc.stdout.strip().splitlines()[-1])
+            with open("/proc/loadavg") as f:
+                load = f.read().split()[0]
+            for m, ms in timing["ms"].items():
+                results[m].update(ms=ms, load=load)
+            print(model_name, num_tasks, batch, json.dumps(results), flush=True)
+            rows.append({"model": model_name, "T": num_tasks, "batch": batch, "results": results})
+    print(table(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def table(rows) -> str:
+    lines = []
+    for row in rows:
+        res = row["results"]
+        floor = res.get("floor", {})
+        info = next((r for r in res.values() if "P" in r), {})
+        bound = (info.get("P", 0) + row["T"] * info.get("largest", 0)) * 4 / 2**20
+        lines.append(
+            f"\n{row['model']} (P = {info.get('P')}, largest {info.get('largest')}), T = {row['T']}, batch "
+            f"{row['batch']}: bound P + T x largest = {bound:.0f} MiB"
+        )
+        lines.append("| method | ms | / floor | / dense | peak MiB | extra over floor MiB | load |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for name, r in res.items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error'][:80]} | | | | | |")
+                continue
+            ratio = r["ms"] / floor["ms"] if "ms" in floor else float("nan")
+            dense = r["ms"] / res["dense"]["ms"] if "ms" in res.get("dense", {}) else float("nan")
+            extra = r["peak_mib"] - floor["peak_mib"] if "peak_mib" in floor else float("nan")
+            cells = [name, f"{r['ms']:.1f}", f"{ratio:.2f}", f"{dense:.2f}", f"{r['peak_mib']:.0f}", f"{extra:.0f}"]
+            lines.append("| " + " | ".join(cells) + f" | {r['load']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
