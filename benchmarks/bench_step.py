@@ -1,8 +1,10 @@
 """One training step of T = 8 tasks on the digits-attributes MLP, side by side:
-dense MTL (one backward), FSMTL with the batched vector-Jacobian product, FSMTL with T
-sequential backward passes, and torchjd aggregator steps (UPGrad, MGDA).
+dense MTL (one backward), the floor (forward + T backward passes), FSMTL with the batched
+vector-Jacobian product, with T sequential backward passes and with the default rule
+(``batched="auto"``), and torchjd aggregator steps (UPGrad, MGDA).
 
-Run: ``OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_step.py --benchmark-only``
+Run: ``OMP_NUM_THREADS=2 python -m pytest benchmarks/bench_step.py --benchmark-only``. The
+table over model sizes, T and memory is ``benchmarks/step_table.py``.
 """
 
 import pytest
@@ -45,6 +47,13 @@ def run_dense(bench, model, x, ys, mask):
     torch.stack(losses(bench, model, x, ys)).sum().backward()
 
 
+def run_floor(bench, model, x, ys, mask):
+    zero(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for loss in losses(bench, model, x, ys):
+        torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+
+
 def run_fs(batched):
     def step(bench, model, x, ys, mask):
         zero(model)
@@ -74,8 +83,10 @@ def run_torchjd(name):
 
 STEPS = {
     "dense-mtl": run_dense,
+    "floor-T-backward": run_floor,
     "fsmtl-batched-vjp": run_fs(True),
     "fsmtl-sequential": run_fs(False),
+    "fsmtl-auto": run_fs("auto"),
     "torchjd-upgrad": run_torchjd("upgrad"),
     "torchjd-mgda": run_torchjd("mgda"),
 }
