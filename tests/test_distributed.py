@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fsmtl
 import fsmtl_kernels as fk
@@ -61,7 +62,7 @@ def _split(n: int = 192) -> Split:
     return Split([x] * 3, ys)
 
 
-def _train(batch_size: int, epochs: int = 3, checkpoint_dir=None, trunk_extra=()) -> dict:
+def _train(batch_size: int, epochs: int = 3, checkpoint_dir=None, trunk_extra=(), loader=None) -> dict:
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), *trunk_extra)
     model = fsmtl.MultiTaskModel(trunk, [nn.Linear(12, k) for k in (1, 1, 3)])
@@ -71,7 +72,8 @@ def _train(batch_size: int, epochs: int = 3, checkpoint_dir=None, trunk_extra=()
     if checkpoint_dir is not None:
         trainer.resume(checkpoint_dir)  # all ranks read what rank 0 wrote
         epochs -= trainer.epoch
-    history = trainer.fit(_split(), epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+    data = _split() if loader is None else _loader(loader, batch_size)
+    history = trainer.fit(data, epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                           checkpoint_every=1 if checkpoint_dir is not None else None)  # fmt: skip
     return {
         "loss": history["loss"],
@@ -80,6 +82,16 @@ def _train(batch_size: int, epochs: int = 3, checkpoint_dir=None, trunk_extra=()
         "updates": len(history["mask_updates"]),
         "bytes": history.get("distributed", {}).get("bytes_per_step"),
     }
+
+
+def _loader(kind: str, batch_size: int) -> DataLoader:
+    """The split as a TensorDataset in a DataLoader without shuffling: ``"plain"`` (its batches
+    are global batches, split across ranks) or ``"distributed"`` (a ``DistributedSampler``)."""
+    split = _split()
+    dataset = TensorDataset(split.inputs[0], *split.targets)
+    if kind == "distributed":
+        return DataLoader(dataset, batch_size=batch_size, sampler=DistributedSampler(dataset, shuffle=False))
+    return DataLoader(dataset, batch_size=batch_size)
 
 
 def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
@@ -92,6 +104,9 @@ def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
     a, b = _slices(flat.numel(), size)[rank]
     results["one"] = distributed_topk_mask([flat[a:b]], 0.3).words  # the one-task API, one slice per rank
     results["train"] = _train(per_rank_batch)
+    if size == 2:
+        results["plain"] = _train(per_rank_batch * size, loader="plain")
+        results["distributed"] = _train(per_rank_batch, loader="distributed")
     # Checkpoint after 2 epochs, then fresh models, optimizers and Trainers on every rank resume it.
     _train(per_rank_batch, epochs=2, checkpoint_dir=f"{out}/ckpt")
     torch.distributed.barrier()
@@ -136,6 +151,13 @@ def test_ranks(tmp_path, size, per_rank_batch):
     a = unpack_bits(dist_run["mask"], dist_run["mask"].shape[1] * 32)
     b = unpack_bits(single["mask"], single["mask"].shape[1] * 32)
     assert (a == b).float().mean() >= 0.999
+    if size == 2:  # DataLoaders: plain (global batches split) or with a DistributedSampler
+        reference = _train(per_rank_batch * size, loader="plain")
+        for kind in ("plain", "distributed"):
+            for p, q in zip(parts[0][kind]["params"], reference["params"]):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            losses = torch.tensor(parts[0][kind]["loss"])
+            torch.testing.assert_close(losses, torch.tensor(reference["loss"]), rtol=1e-5, atol=1e-7)
     resumed = parts[0]["resumed"]  # 2 epochs, checkpoint, fresh Trainers resume for the third
     for p, q in zip(resumed["params"], dist_run["params"]):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
