@@ -510,7 +510,7 @@ class Trainer:
         entry = {"epoch": epoch, "step": self.global_step, "loss": self.history["loss"][-1], "metrics": metrics}
         entry["score"] = score
         self.history["val"].append(entry)
-        if log_path is not None:
+        if log_path is not None and distributed.is_main_process():  # several ranks: rank 0 writes the log
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         if self.history["best_score"] is None or score > self.history["best_score"]:
