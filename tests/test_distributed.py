@@ -244,3 +244,6 @@ def test_a_failed_rank_stops_the_others():
         assert elapsed[fault] < 60
         assert "Error" in errors[fault]  # gloo's error names the failed collective; not a silent exit
     assert "injected failure on rank 1" in groups["raise"][1].communicate(timeout=10)[1]
+    # rank 0 was training (past the rendezvous) and failed in a collective, for the right reason
+    assert "Connection closed by peer" in errors["raise"], errors["raise"][-2000:]
+    assert "Timed out" in errors["hang"], errors["hang"][-2000:]
