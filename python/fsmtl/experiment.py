@@ -37,8 +37,8 @@ class ExperimentConfig:
     methods: Sequence[str] = ("stl", "mtl", "rs", "fs")
     seeds: Sequence[int] = (0, 1, 2)
     select_seeds: Sequence[int] = (100, 101)
-    keep_ratios: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
-    epochs: int = 40
+    keep_ratios: Sequence[float] = (0.1, 0.5, 0.9)
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3
     hidden: int = 128
