@@ -37,7 +37,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from . import checkpoint as ckpt
@@ -107,21 +107,18 @@ def expand(spec: dict) -> list[dict]:
 
 
 def _setting_label(config: dict) -> str:
-    default = ExperimentConfig()
-    parts = [config.get("benchmark", default.benchmark)]
+    """The benchmark, then every option and setting the spec gives (defaults are not repeated)."""
+    parts = [config.get("benchmark", ExperimentConfig.benchmark)]
     parts += [f"{k}={v}" for k, v in sorted(config["benchmark_options"].items())]
-    for k in sorted(config):
-        if k in ("benchmark", "benchmark_options", "methods", "keep_ratios", "seeds", "select_seeds"):
-            continue
-        if config[k] != getattr(default, k):
-            parts.append(f"{k}={config[k]}")
+    parts += [f"{k}={config[k]}" for k in sorted(config) if k not in ("benchmark", "benchmark_options", *PROTOCOL_KEYS)]
     return ", ".join(parts)
 
 
-def _cell_id(config: dict, method: str, keep_ratio: float, seed: int) -> str:
-    # The training settings only (not the method list or the seeds of the protocol): the same run
-    # is the same cell in every study that declares it.
-    key = {k: v for k, v in config.items() if k not in ("methods", "keep_ratios", "seeds", "select_seeds")}
+def _cell_id(cfg: ExperimentConfig, method: str, keep_ratio: float, seed: int) -> str:
+    """Every training setting of the run, resolved (so a changed default is a new cell), without
+    the protocol's lists (methods, keep ratios, seeds): the same run is the same cell in every
+    study that declares it."""
+    key = {k: v for k, v in asdict(cfg).items() if k not in PROTOCOL_KEYS}
     key = json.dumps({**key, "method": method, "keep_ratio": keep_ratio, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -141,8 +138,8 @@ class CellStore:
         ckpt.atomic_write_text(json.dumps(record), self.directory / f"{cell}.json")
 
 
-def _run_cell(store, bench, cfg, config, method, p, seed, role, log) -> dict:
-    cell = _cell_id(config, method, p, seed)
+def _run_cell(store, bench, cfg, method, p, seed, role, log) -> dict:
+    cell = _cell_id(cfg, method, p, seed)
     done = store.get(cell)
     if done is not None:
         return done
@@ -183,13 +180,13 @@ def run_study(spec: dict, out, *, log=print) -> dict:
             val = {}
             if len(ratios) > 1:
                 for p in ratios:
-                    runs = [_run_cell(store, bench, cfg, config, method, p, s, "selection", log)
+                    runs = [_run_cell(store, bench, cfg, method, p, s, "selection", log)
                             for s in cfg.select_seeds]  # fmt: skip
                     val[p] = statistics.mean(r["val_score"] for r in runs)
             best = max(val, key=val.get) if val else ratios[0]
             reported = {}
             for p in ratios if setting["curve"] else [best]:
-                reported[p] = [_run_cell(store, bench, cfg, config, method, p, s, "report", log) for s in cfg.seeds]
+                reported[p] = [_run_cell(store, bench, cfg, method, p, s, "report", log) for s in cfg.seeds]
             methods[method] = {"chosen": best, "val_scores": {str(p): v for p, v in val.items()}, "reported": reported}
         results.append(_summarize_setting(setting, bench, methods))
     study = {
@@ -336,6 +333,7 @@ def plot_study(study: dict, out: Path) -> dict:
     import numpy as np
 
     figures = {}
+    seeds = ",".join(map(str, study["seeds"]))
     for i, s in enumerate(study["settings"]):
         names = []
         rows = s["rows"]
@@ -357,7 +355,7 @@ def plot_study(study: dict, out: Path) -> dict:
             direction = "higher" if s["higher_is_better"] else "lower"
             ax.set_xlabel("keep ratio p")
             ax.set_ylabel(f"test {s['metric']} ({direction} is better)")
-            ax.set_title(f"{s['label']}\nmean +- std over seeds {','.join(map(str, study['seeds']))}", fontsize="small")
+            ax.set_title(f"{s['label']}\nmean +- std over seeds {seeds}", fontsize="small")
             ax.legend(fontsize="small")
             fig.tight_layout()
             names.append(f"curve_{i + 1}.png")
@@ -374,7 +372,7 @@ def plot_study(study: dict, out: Path) -> dict:
             ax.bar(x + j * width, means, width, yerr=errs, capsize=2, label=label)
         ax.set_xticks(x + width * (len(chosen) - 1) / 2, s["tasks"], rotation=30, ha="right")
         ax.set_ylabel(f"test {s['metric']}")
-        ax.set_title(f"{s['label']}: per task, mean +- std over seeds", fontsize="small")
+        ax.set_title(f"{s['label']}\nper task, mean +- std over seeds {seeds}", fontsize="small")
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         names.append(f"per_task_{i + 1}.png")
