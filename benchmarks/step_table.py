@@ -5,9 +5,10 @@ Columns: median ms per step over ``--repeats`` steps after one warm-up step, and
 memory the step adds. Each (model, T, method) runs in a fresh process with glibc's mmap threshold
 fixed at 128 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor larger than that is mapped on
 allocation and unmapped on free, and the resident set follows the tensors alive. The process resets
-its peak (``/proc/self/clear_refs``, 5) after the warm-up, runs one step and reads ``VmHWM``: the
-step's peak minus ``VmRSS`` before it, i.e. everything the step allocates at its peak (activations
-and the graph included). "extra" subtracts the floor's figure at the same T: what a method holds
+its peak (``/proc/self/clear_refs``, 5) after the warm-up and after dropping every ``.grad`` (as
+``zero_grad(set_to_none=True)``), runs one step and reads ``VmHWM``: the step's peak minus
+``VmRSS`` before it, i.e. everything the step allocates at its peak (activations, the graph and
+the new ``.grad`` tensors included). "extra" subtracts the floor's figure at the same T: what a method holds
 beyond the forward and T plain backward passes.
 
 Methods:
@@ -20,6 +21,8 @@ Methods:
   backward through them via the boundary), ``batched="auto"``.
 * ``mask-forward``: Eq. 3, each task's forward on ``S_t * theta`` (T trunk forwards), then the
   masked backward, as the Trainer runs it.
+* ``mask-forward-loop``: its baseline, T separate forward/backward passes on ``S_t * theta``
+  (float masked weights), the gradients summed by hand.
 * ``torchjd-mgda`` / ``torchjd-upgrad``: the Jacobian of the trunk, aggregated by torchjd.
 * ``libmtl-loop``: LibMTL's way: per task ``backward(retain_graph=True)``, the flattened trunk
   gradient copied into a ``[T, P]`` buffer, then the masked combination by hand.
@@ -45,6 +48,7 @@ METHODS = (
     "fsmtl-auto",
     "partial-top2",
     "mask-forward",
+    "mask-forward-loop",
     "torchjd-mgda",
     "torchjd-upgrad",
     "libmtl-loop",
@@ -151,6 +155,20 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int):
         def step():
             zero()
             strategy.backward(losses(masks))
+    elif method == "mask-forward-loop":
+        every = model.masked_parameters()
+        bools = mask.to_bool_stacked()
+
+        def step():
+            zero()
+            acc = [torch.zeros_like(p) for p in every]
+            for t, y in enumerate(ys):  # T separate masked forward/backward passes, summed by hand
+                weights = {n: p * b[t] for n, p, b in zip(model._masked_names, every, bools)}
+                out = model.heads[t](torch.func.functional_call(model.trunk, weights, (x,)))
+                for a, g in zip(acc, torch.autograd.grad(bce(out, y), every)):
+                    a.add_(g)
+            for p, a in zip(every, acc):
+                p.grad = a.div_(num_tasks)
     elif method.startswith("torchjd"):
         from fsmtl.strategies import JacobianAggregation, TrainingContext
 
@@ -182,6 +200,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int):
                 offset += p.numel()
     else:
         raise ValueError(method)
+    step.model = model
     return step, sum(p.numel() for p in model.shared_parameters()), max(p.numel() for p in model.shared_parameters())
 
 
@@ -216,6 +235,8 @@ def worker(args) -> None:
         return
     step, total, largest = make_step(args.method, args.model, args.tasks, args.batch)
     step()  # warm-up
+    for p in step.model.parameters():  # as optimizer.zero_grad(set_to_none=True) before a step
+        p.grad = None
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status_kib("VmRSS")
