@@ -166,7 +166,7 @@ def test_every_option_has_help_and_default():
         if action.dest != "help":
             assert action.help, f"{action.option_strings} has no help"
     text = " ".join(run.format_help().split())  # argparse wraps lines anywhere
-    for default in ("(default: 40)", "(default: 64)", "(default: stl,mtl,rs,fs)", "(default: fsmtl-results)"):
+    for default in ("(default: 20)", "(default: 64)", "(default: stl,mtl,rs,fs)", "(default: fsmtl-results)"):
         assert default in text
     assert "(stl, mtl" not in text and "('stl'" not in text  # methods are listed as text, not as a tuple
 
