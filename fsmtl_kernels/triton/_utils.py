@@ -196,3 +196,33 @@ def find_segment(starts_ptr, row_stride, n_segments, block, LOG_SEGMENTS: tl.con
         start = tl.load(starts_ptr + cand * row_stride, mask=inside, other=0)
         seg = tl.where(inside & (start <= block), cand, seg)
     return seg
+
+
+@triton.jit
+def pointer_pair_block(
+    table_ptr,
+    n_segments,
+    pid,
+    LOG_SEGMENTS: tl.constexpr,
+    A_DTYPE: tl.constexpr,
+    B_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Block ``pid`` of a launch whose table rows are (pointer a, pointer b, n, first block, word
+    offset): the two typed pointers (with the 16-byte alignment hints when ``ALIGNED``), the
+    parameter's size, the block's entry offsets, their in-range mask and the mask word offset.
+    Inlined by Triton, so the hints reach the caller's loads (128-bit vector loads)."""
+    seg = find_segment(table_ptr + 3, 5, n_segments, pid, LOG_SEGMENTS)
+    row = table_ptr + seg * 5
+    a_ptr = tl.load(row).to(tl.pointer_type(A_DTYPE))
+    b_ptr = tl.load(row + 1).to(tl.pointer_type(B_DTYPE))
+    n = tl.load(row + 2)
+    first = tl.load(row + 3)
+    word_off = tl.load(row + 4)
+    if ALIGNED:
+        a_ptr = tl.multiple_of(a_ptr, 16)
+        b_ptr = tl.multiple_of(b_ptr, 16)
+        n = tl.multiple_of(n, 8)
+    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
+    return a_ptr, b_ptr, n, offs, offs < n, word_off

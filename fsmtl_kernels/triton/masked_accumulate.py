@@ -27,19 +27,9 @@ def _masked_accumulate_kernel(
     ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     pid = tl.program_id(0).to(tl.int64)
-    seg = _utils.find_segment(table_ptr + 3, 5, n_segments, pid, LOG_SEGMENTS)
-    row = table_ptr + seg * 5
-    g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
-    a_ptr = tl.load(row + 1).to(tl.pointer_type(A_DTYPE))
-    n = tl.load(row + 2)
-    first = tl.load(row + 3)
-    word_off = tl.load(row + 4)
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        a_ptr = tl.multiple_of(a_ptr, 16)
-        n = tl.multiple_of(n, 8)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    g_ptr, a_ptr, n, offs, mask, word_off = _utils.pointer_pair_block(
+        table_ptr, n_segments, pid, LOG_SEGMENTS, G_DTYPE, A_DTYPE, BLOCK, ALIGNED
+    )
     w = tl.load(row_ptr + word_off + offs // 32, mask=mask, other=0)
     bit = ((w >> (offs % 32).to(tl.int32)) & 1).to(A_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(A_DTYPE)

@@ -31,19 +31,9 @@ def _masked_grad_average_kernel(
     ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     pid = tl.program_id(0).to(tl.int64)
-    seg = _utils.find_segment(table_ptr + 3, 5, n_segments, pid, LOG_SEGMENTS)
-    row = table_ptr + seg * 5
-    g_ptr = tl.load(row).to(tl.pointer_type(G_DTYPE))
-    o_ptr = tl.load(row + 1).to(tl.pointer_type(O_DTYPE))
-    n = tl.load(row + 2)
-    first = tl.load(row + 3)
-    word_off = tl.load(row + 4)
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-        o_ptr = tl.multiple_of(o_ptr, 16)
-        n = tl.multiple_of(n, 8)
-    offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    g_ptr, o_ptr, n, offs, mask, word_off = _utils.pointer_pair_block(
+        table_ptr, n_segments, pid, LOG_SEGMENTS, G_DTYPE, O_DTYPE, BLOCK, ALIGNED
+    )
     word_idx = word_off + offs // 32
     shift = (offs % 32).to(tl.int32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)

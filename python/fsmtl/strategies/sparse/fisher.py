@@ -43,14 +43,16 @@ class FisherSparse(SparseStrategy):
         )
 
 
-def _fisher_sparse(estimator: str, options) -> FisherSparse:
-    return FisherSparse(
+def _fisher_sparse(estimator: str, options, cls: type[FisherSparse] = FisherSparse, **choices) -> FisherSparse:
+    """A ``cls`` (FisherSparse or a variant) with ``estimator`` and the run's options."""
+    return cls(
         options.keep_ratio,
         estimator=estimator,
         samples=options.samples,
         schedule=options.schedule,
         mask_forward=options.mask_forward,
         normalize=options.normalize,
+        **choices,
     )
 
 

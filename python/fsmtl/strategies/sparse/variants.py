@@ -33,7 +33,7 @@ from ...estimators import task_scores
 from ...masks import compute_masks
 from ..method import Method
 from ..weighting.equal import EqualWeighting
-from .fisher import FisherSparse
+from .fisher import FisherSparse, _fisher_sparse
 from .random import RandomSparse, _random_sparse
 
 
@@ -144,31 +144,19 @@ class EqualWeightingInTurns(EqualWeighting):
         task_backward(self.context.model, t, loss, None)
 
 
-def _variant(cls, estimator: str, options, **choices):
-    return cls(
-        options.keep_ratio,
-        estimator=estimator,
-        samples=options.samples,
-        schedule=options.schedule,
-        mask_forward=options.mask_forward,
-        normalize=options.normalize,
-        **choices,
-    )
-
-
 def _equal_in_turns(options) -> EqualWeightingInTurns:
     return EqualWeightingInTurns()
 
 
 METHODS = (
     Method("rs-redraw", "RS-redraw", partial(_random_sparse, True), RandomSparse, variant="redraw", sparse=True),
-    Method("fs-layer", "FS-layer", partial(_variant, FisherSparseVariant, "fs", per_layer=True), FisherSparseVariant,
-           variant="per_layer", sparse=True),
-    Method("fs-masked", "FS-masked", partial(_variant, FisherSparseVariant, "fs", masked_fisher=True),
+    Method("fs-layer", "FS-layer", partial(_fisher_sparse, "fs", cls=FisherSparseVariant, per_layer=True),
+           FisherSparseVariant, variant="per_layer", sparse=True),
+    Method("fs-masked", "FS-masked", partial(_fisher_sparse, "fs", cls=FisherSparseVariant, masked_fisher=True),
            FisherSparseVariant, variant="masked_fisher", sparse=True),
-    Method("fs-turns", "FS-turns", partial(_variant, FisherSparseInTurns, "fs"), FisherSparseInTurns,
+    Method("fs-turns", "FS-turns", partial(_fisher_sparse, "fs", cls=FisherSparseInTurns), FisherSparseInTurns,
            variant="in_turns", sparse=True),
     Method("mtl-turns", "MTL-turns", _equal_in_turns, EqualWeightingInTurns, variant="in_turns"),
-    Method("stl-fs", "STL-FS", partial(_variant, FisherSparseVariant, "fs"), FisherSparseVariant, variant="stl",
-           sparse=True, single_task=True),
+    Method("stl-fs", "STL-FS", partial(_fisher_sparse, "fs", cls=FisherSparseVariant), FisherSparseVariant,
+           variant="stl", sparse=True, single_task=True),
 )  # fmt: skip
