@@ -126,6 +126,19 @@ def test_maximum_roaming_updates_every_k_steps_in_training():
         MaximumRoaming(0.5, every=0)
 
 
+def test_maximum_roaming_on_the_run_schedule_roams_in_a_short_run():
+    from fsmtl.strategies import MaskSchedule
+    from fsmtl.strategies.method import MethodOptions
+
+    model, split = cnn_model(), data(n=32)
+    # What `fsmtl run --warmup 1 --update-every 1` builds: roam at the start of epochs 1 and 2.
+    mr = METHODS["mr"].build(MethodOptions(keep_ratio=0.5, schedule=MaskSchedule(warmup=1, every=1)))
+    fit(mr, model, split, epochs=3)  # 12 steps, fewer than the step default of 100
+    assert mr.updates == 2
+    with pytest.raises(TypeError, match="schedule"):
+        MaximumRoaming(0.5, schedule=2)
+
+
 def test_se_parameters_are_per_task_and_trained_by_their_task_only():
     model, split = cnn_model(), data()
     se = TaskSqueezeExcitation()

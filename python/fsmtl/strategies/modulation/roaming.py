@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..method import Method
+from ..sparse.schedule import MaskSchedule
 from .base import ActivationModulation
 from .routing import random_unit_masks
 
@@ -21,17 +22,27 @@ class MaximumRoaming(ActivationModulation):
 
     Args:
         keep_ratio: share of each point's units a task uses.
-        every: optimizer steps between updates.
+        every: optimizer steps between updates (when no ``schedule`` is given).
+        schedule: a :class:`~fsmtl.strategies.sparse.schedule.MaskSchedule` to roam on instead
+            of ``every`` steps: ``fsmtl run`` passes its mask schedule (``--warmup``,
+            ``--update-every``), so MR's masks change when the sparse methods' masks do and a
+            short run still roams (with ``every=100`` a 72-step run would never roam and MR
+            would be TR).
 
     Attributes:
         masks: one bool ``[T, C_i]`` tensor per point; visited: same shapes, units visited in
         the current cycle; updates: number of updates done.
     """
 
-    def __init__(self, keep_ratio: float | int = 0.9, every: int = 100, points=None) -> None:
+    def __init__(
+        self, keep_ratio: float | int = 0.9, every: int = 100, points=None, schedule: MaskSchedule | None = None
+    ) -> None:
         super().__init__(points)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
+        if schedule is not None and not isinstance(schedule, MaskSchedule):
+            raise TypeError(f"schedule must be a MaskSchedule or None, got {type(schedule).__name__}")
+        self.schedule = schedule
         self.keep_ratio = keep_ratio
         self.every = every
         self.masks: list[torch.Tensor] | None = None
@@ -48,7 +59,11 @@ class MaximumRoaming(ActivationModulation):
         return output * self.expand(self.masks[index][task], output)
 
     def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
-        if self._steps > 0 and self._steps % self.every == 0:
+        if self.schedule is not None:
+            due = self.schedule.due(epoch, step, epoch_start)
+        else:
+            due = self._steps > 0 and self._steps % self.every == 0
+        if due:
             self.roam()
         self._steps += 1
         return None
@@ -82,7 +97,7 @@ class MaximumRoaming(ActivationModulation):
 
 
 def _roaming(options) -> MaximumRoaming:
-    return MaximumRoaming(options.keep_ratio)
+    return MaximumRoaming(options.keep_ratio, schedule=options.schedule)
 
 
 METHODS = (Method("mr", "MR", _roaming, MaximumRoaming, sparse=True),)
