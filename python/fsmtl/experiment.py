@@ -110,6 +110,20 @@ def split_warnings(benchmark: Benchmark, minimum: int = MIN_TEST_EXAMPLES) -> li
     return messages
 
 
+def score_record(benchmark: Benchmark, method: str, seed: int, keep_ratio: float, role: str, run: dict) -> dict:
+    """One training run's scores as kept in ``results.json`` and study cells: validation and test
+    primary scores (mean over tasks, higher is better) and the test metrics averaged over tasks."""
+    return {
+        "method": method,
+        "seed": seed,
+        "keep_ratio": keep_ratio,
+        "role": role,
+        "val_score": primary_score(benchmark, run["val"]),
+        "test_score": primary_score(benchmark, run["test"]),
+        "test": average_metrics(run["test"]),
+    }
+
+
 def primary_score(benchmark: Benchmark, per_task: list[dict[str, float]]) -> float:
     """Mean over tasks of each task's primary metric, signed so that higher is better."""
     scores = []
@@ -281,17 +295,7 @@ def run_experiment(
             if bar is not None:
                 bar.close()
         finished_runs.append({"method": method, "seed": seed, "keep_ratio": p, "val": run["val"], "test": run["test"]})
-        records.append(
-            {
-                "method": method,
-                "seed": seed,
-                "keep_ratio": p,
-                "role": role,
-                "val_score": primary_score(benchmark, run["val"]),
-                "test_score": primary_score(benchmark, run["test"]),
-                "test": average_metrics(run["test"]),
-            }
-        )
+        records.append(score_record(benchmark, method, seed, p, role, run))
         return run
 
     try:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .data import load_benchmark
-from .experiment import ExperimentConfig, check_seed_split, primary_score, train_once
-from .metrics import METRIC_DIRECTION, average_metrics
+from .experiment import ExperimentConfig, check_seed_split, score_record, train_once
+from .metrics import METRIC_DIRECTION
 from .stats import format_p, paired_tests, sample_std
 from .strategies import METHODS, get_method
 from .tasks import task_kind
@@ -146,13 +146,7 @@ def _run_cell(store, bench, cfg, method, p, seed, role, log) -> dict:
     started = time.perf_counter()
     run = train_once(bench, method, seed, p, cfg)
     record = {
-        "method": method,
-        "keep_ratio": p,
-        "seed": seed,
-        "role": role,
-        "val_score": primary_score(bench, run["val"]),
-        "test_score": primary_score(bench, run["test"]),
-        "test": average_metrics(run["test"]),
+        **score_record(bench, method, seed, p, role, run),
         "test_per_task": run["test"],
         "seconds": time.perf_counter() - started,
     }
