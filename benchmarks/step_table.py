@@ -27,7 +27,9 @@ Methods:
 * ``libmtl-loop``: LibMTL's way: per task ``backward(retain_graph=True)``, the flattened trunk
   gradient copied into a ``[T, P]`` buffer, then the masked combination by hand.
 
-Run: ``OMP_WAIT_POLICY=PASSIVE taskset -c 1 python benchmarks/step_table.py`` (one thread).
+Run: ``OMP_WAIT_POLICY=PASSIVE taskset -c 1 python benchmarks/step_table.py`` (one thread), or
+``python benchmarks/step_table.py --device cuda --repeats 20`` on a GPU (the same table; memory is
+then the CUDA caching allocator's peak over what was allocated before the step).
 """
 
 from __future__ import annotations
@@ -83,27 +85,28 @@ def build(model_name: str, num_tasks: int, masked_modules=None):
     return fsmtl.MultiTaskModel(trunk, heads, masked_modules=top2 if masked_modules == "top2" else None)
 
 
-def inputs(model_name: str, batch: int, num_tasks: int):
+def inputs(model_name: str, batch: int, num_tasks: int, device):
     import torch
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 256, generator=gen) if model_name == "mlp" else torch.randn(batch, 3, 32, 32, generator=gen)
-    ys = [torch.randint(0, 2, (batch, 1), generator=gen).float() for _ in range(num_tasks)]
-    return x, ys
+    ys = [torch.randint(0, 2, (batch, 1), generator=gen).float().to(device) for _ in range(num_tasks)]
+    return x.to(device), ys
 
 
-def make_step(method: str, model_name: str, num_tasks: int, batch: int):
+def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="cpu"):
     import torch
 
     import fsmtl
     import fsmtl_kernels as fk
 
     torch.manual_seed(0)
-    model = build(model_name, num_tasks, "top2" if method == "partial-top2" else None)
-    x, ys = inputs(model_name, batch, num_tasks)
+    model = build(model_name, num_tasks, "top2" if method == "partial-top2" else None).to(device)
+    x, ys = inputs(model_name, batch, num_tasks, device)
     params = model.masked_parameters()
     gen = torch.Generator().manual_seed(1)
-    mask = fk.topk_mask_batched([torch.rand(num_tasks, *p.shape, generator=gen) for p in params], KEEP)
+    scores = [torch.rand(num_tasks, *p.shape, generator=gen).to(device) for p in params]
+    mask = fk.topk_mask_batched(scores, KEEP)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
     def losses(masks=None):
@@ -187,7 +190,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int):
         def step():
             zero()
             ls = losses()
-            grads = torch.zeros(num_tasks, total)  # LibMTL's grads[T, P]
+            grads = torch.zeros(num_tasks, total, device=device)  # LibMTL's grads[T, P]
             for t, loss in enumerate(ls):
                 loss.backward(retain_graph=True)
                 grads[t] = torch.cat([p.grad.reshape(-1) for p in shared])
@@ -215,25 +218,43 @@ def status_kib(field: str) -> int:
 def worker(args) -> None:
     """Timing (``--method all``): every method's step built in this process, one warm-up each,
     then ``repeats`` rounds taking the methods in turn (so load changes hit them alike); medians.
-    Memory (one ``--method``): one warm-up step, the peak reset, one measured step."""
+    Memory (one ``--method``): one warm-up step, the peak reset, one measured step. On CUDA a step
+    is timed to its completion (``torch.cuda.synchronize``) and its memory is the caching
+    allocator's peak over the tensors alive before it (``max_memory_allocated``)."""
     import torch
 
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     if args.method == "all":
-        steps = {m: make_step(m, args.model, args.tasks, args.batch) for m in args.methods.split(",")}
-        for step, _, _ in steps.values():
-            step()
+        steps, errors = {}, {}
+        for m in args.methods.split(","):
+            try:
+                steps[m] = make_step(m, args.model, args.tasks, args.batch, args.device)
+                steps[m][0]()  # warm-up
+            except Exception as exc:  # a peer that cannot run here: reported in its row
+                steps.pop(m, None)
+                errors[m] = f"{type(exc).__name__}: {exc}"
         times = {m: [] for m in steps}
         for _ in range(args.repeats):
             for m, (step, _, _) in steps.items():
+                sync()
                 start = time.perf_counter()
                 step()
+                sync()
                 times[m].append(time.perf_counter() - start)
         info = next(iter(steps.values()))
-        out = {m: 1000 * statistics.median(t) for m, t in times.items()}
-        print(json.dumps({"ms": out, "P": info[1], "largest": info[2]}))
+        out = {"ms": {m: 1000 * statistics.median(t) for m, t in times.items()}, "P": info[1], "largest": info[2]}
+        if cuda:  # the allocator counts each tensor exactly, so one process measures every method
+            out["peak_mib"] = {m: cuda_peak_mib(step) for m, (step, _, _) in steps.items()}
+        out["errors"] = errors
+        print(json.dumps(out))
         return
-    step, total, largest = make_step(args.method, args.model, args.tasks, args.batch)
+    step, total, largest = make_step(args.method, args.model, args.tasks, args.batch, args.device)
     step()  # warm-up
     for p in step.model.parameters():  # as optimizer.zero_grad(set_to_none=True) before a step
         p.grad = None
@@ -241,7 +262,22 @@ def worker(args) -> None:
         f.write("5")
     before = status_kib("VmRSS")
     step()
-    print(json.dumps({"peak_mib": (status_kib("VmHWM") - before) / 1024, "P": total, "largest": largest}))
+    peak_mib = (status_kib("VmHWM") - before) / 1024
+    print(json.dumps({"peak_mib": peak_mib, "P": total, "largest": largest}))
+
+
+def cuda_peak_mib(step) -> float:
+    """The CUDA memory one step allocates at its peak, beyond what was allocated before it."""
+    import torch
+
+    for p in step.model.parameters():  # as optimizer.zero_grad(set_to_none=True) before a step
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def main() -> None:
@@ -253,6 +289,7 @@ def main() -> None:
     parser.add_argument("--batch-t40-cnn", type=int, default=16, help="batch of the CNN at T = 40 (run time)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--model")
     parser.add_argument("--method")
@@ -270,8 +307,9 @@ def main() -> None:
             methods = args.methods.split(",")
             base = [sys.executable, __file__, "--worker", "--model", model_name, "--tasks", str(num_tasks)]
             base += ["--batch", str(batch), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+            base += ["--device", args.device]
             results = {m: {} for m in methods}
-            for method in methods:
+            for method in methods if args.device == "cpu" else ():
                 proc = subprocess.run([*base, "--method", method], capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     results[method]["error"] = proc.stderr.strip().splitlines()[-1]
@@ -288,8 +326,12 @@ def main() -> None:
             timing = json.loads(proc.stdout.strip().splitlines()[-1])
             with open("/proc/loadavg") as f:
                 load = f.read().split()[0]
+            for m, error in timing["errors"].items():
+                results[m]["error"] = error
             for m, ms in timing["ms"].items():
-                results[m].update(ms=ms, load=load)
+                results[m].update(ms=ms, load=load, P=timing["P"], largest=timing["largest"])
+                if "peak_mib" in timing:
+                    results[m]["peak_mib"] = timing["peak_mib"][m]
             print(model_name, num_tasks, batch, json.dumps(results), flush=True)
             rows.append({"model": model_name, "T": num_tasks, "batch": batch, "results": results})
     print(table(rows))

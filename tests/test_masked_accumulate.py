@@ -133,3 +133,52 @@ def test_opcheck(cpp):
     torch.library.opcheck(
         torch.ops.fsmtl.masked_accumulate.default, (acc, [g[0] for g in grads], mask.words, mask.word_offsets, 1)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton on a CUDA GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+@pytest.mark.parametrize("acc_dtype", ACC_DTYPES)
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES)
+def test_gpu_bit_exact_with_reference(cuda, acc_dtype, grad_dtype, blocks):
+    shapes = [*SHAPES, (4097,), (3, 2049)]
+    mask, _, grads = make_case(num_tasks=3, seed=7, shapes=shapes)
+    mask = mask.to(cuda)
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(8)).to(acc_dtype).to(cuda) for s in shapes]
+    ours = [a.clone() for a in start]
+    ref = [a.clone() for a in start]
+    for t in range(mask.num_tasks):
+        rows = [g[t].to(grad_dtype).to(cuda) for g in grads]
+        fk.masked_accumulate(ours, rows, mask, t, backend="triton")
+        fk.masked_accumulate(ref, rows, mask, t, backend="reference")
+    for o, r in zip(ours, ref, strict=True):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+def test_gpu_large_p(cuda):
+    n = 100_000_000 // 4
+    bools = [torch.rand(2, n, device=cuda) < 0.3, torch.rand(2, 7, device=cuda) < 0.3]
+    mask = PackedMask.from_bool_stacked(bools)
+    grads = [torch.randn(n, device=cuda), torch.randn(7, device=cuda)]
+    ours = [torch.zeros(n, device=cuda), torch.zeros(7, device=cuda)]
+    ref = [torch.zeros(n, device=cuda), torch.zeros(7, device=cuda)]
+    fk.masked_accumulate(ours, grads, mask, 1, backend="triton")
+    fk.masked_accumulate(ref, grads, mask, 1, backend="reference")
+    for o, r in zip(ours, ref, strict=True):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+def test_gpu_opcheck(cuda):
+    mask, _, grads = make_case(num_tasks=2, seed=6, shapes=[(7,), (33,)])
+    mask = mask.to(cuda)
+    acc = [torch.zeros(7, device=cuda), torch.zeros(33, device=cuda)]
+    rows = [g[0].to(cuda) for g in grads]
+    torch.library.opcheck(torch.ops.fsmtl.masked_accumulate.default, (acc, rows, mask.words, mask.word_offsets, 1))

@@ -93,7 +93,13 @@ def segment_table(rows: list[tuple[int, ...]], device: torch.device) -> torch.Te
     key = (str(device), tuple(rows))
     table = _TABLE_CACHE.get(key)
     if table is None:
-        table = torch.tensor(rows, dtype=torch.int64, device=device)
+        table = torch.tensor(rows, dtype=torch.int64)
+        if device.type == "cuda":
+            # From pinned memory without blocking: a pageable copy would wait for the GPU to
+            # finish all queued work (a stall per launch whose pointers are new).
+            table = table.pin_memory().to(device, non_blocking=True)
+        else:
+            table = table.to(device)
         _TABLE_CACHE[key] = table
         if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
             _TABLE_CACHE.popitem(last=False)

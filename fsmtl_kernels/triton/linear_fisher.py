@@ -51,6 +51,8 @@ def _linear_fisher_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    carry = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # Kahan compensation of acc
+    zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + scale * 0.0
     bias_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, n_samples, BLOCK_K):
         kk = k0 + rk
@@ -62,7 +64,15 @@ def _linear_fisher_kernel(
         a = tl.load(a_ptr + kk[:, None] * stride_an + rn[None, :] * stride_ai, mask=a_mask, other=0.0)
         a = a.to(tl.float32)
         a = a * a
-        acc = tl.dot(g, a, acc, input_precision="ieee")
+        # Each chunk's dot starts from zero and is added with Kahan compensation, so the float32
+        # sum over n samples rounds like BLOCK_K terms, not n (a sequential sum of 1000 squares
+        # had 7x cuBLAS's error on an H100). The chunk's zero start is ``scale * 0``, not a
+        # constant: Triton folds ``dot(g, a, 0) + acc`` back into ``dot(g, a, acc)``.
+        chunk = tl.dot(g, a, zero, input_precision="ieee") - carry
+        total = acc + chunk
+        carry = (total - acc) - chunk
+        carry = tl.where(carry == carry, carry, 0.0)  # an inf sum stays inf, not NaN
+        acc = total
         if HAS_BIAS:
             bias_acc += tl.sum(g, axis=1)
     w_mask = (rm[:, None] < n_out) & (rn[None, :] < n_in)

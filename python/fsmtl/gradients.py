@@ -162,11 +162,13 @@ class _Sums:
 
 
 def _sequential(losses, masked, others, mask, backend) -> _Sums:
-    """T backward passes, each masked parameter's gradient added into its running sum the moment
-    autograd produces it (a post-accumulate-grad hook per parameter, then ``.grad`` dropped): the
-    one-layer gradient is consumed while in cache and at most one layer's task gradient exists at
-    a time. ``others`` (dense parameters above the boundary, heads, boundary activations)
-    accumulate in their own ``.grad`` over the T passes, copied into the sums at the end."""
+    """T backward passes on CPU, each masked parameter's gradient added into its running sum the
+    moment autograd produces it (a post-accumulate-grad hook per parameter, then ``.grad``
+    dropped): the one-layer gradient is consumed while in cache and at most one layer's task
+    gradient exists at a time. ``others`` (dense parameters above the boundary, heads, boundary
+    activations) accumulate in their own ``.grad`` over the T passes, copied into the sums at the
+    end. (On CUDA a launch per parameter and task costs more than the cache saves: there each
+    task's gradients are added by one launch over all parameters, :func:`_task_rows`.)"""
     sums = _Sums(masked, [], mask, backend)
     device = masked[0].device if masked else others[0].device
     run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
@@ -295,7 +297,7 @@ def masked_multitask_backward(
         mode = batched
 
     def run(use_batched: bool) -> _Sums:
-        if not use_batched:
+        if not use_batched and inputs[0].device.type == "cpu":
             return _sequential(losses, masked, others, mask, backend)
         sums = _Sums(masked, others, mask, backend)
         for t, grads in _task_rows(losses, inputs, use_batched, chunk):
@@ -365,14 +367,12 @@ AUTO_BATCHED_MAX_ENTRIES = 1 << 17
 
 def auto_batched(inputs: Sequence[torch.Tensor]) -> bool:
     """The rule of ``batched="auto"``: batched vector-Jacobian products for small models (at most
-    :data:`AUTO_BATCHED_MAX_ENTRIES` entries, where the T calls' fixed costs dominate) and, on
-    CUDA, for models without convolution weights (more than 2 dims); T backward passes
-    otherwise. On CPU, batching convolution backward over T is slower than T passes and holds
-    T times the activation gradients (measured in benchmarks/step_table.py); on CUDA the rule is
-    not measured yet."""
-    if sum(x.numel() for x in inputs) <= AUTO_BATCHED_MAX_ENTRIES:
-        return True
-    return inputs[0].device.type == "cuda" and all(x.dim() <= 2 for x in inputs)
+    :data:`AUTO_BATCHED_MAX_ENTRIES` entries, where the T calls' fixed costs dominate), T
+    backward passes otherwise. Measured in benchmarks/step_table.py: on CPU, batching is 1.5-3x
+    slower than T passes for an MLP of 1.4M and a CNN of 1.1M parameters (and holds T times the
+    activation gradients); on an H100 it is as fast or slower (MLP 1.3-1.9x the sequential time,
+    CNN 1.0-1.4x), since the memory bound ``P + T x largest`` allows only small task chunks."""
+    return sum(x.numel() for x in inputs) <= AUTO_BATCHED_MAX_ENTRIES
 
 
 def batched_choice() -> dict[tuple, bool]:
