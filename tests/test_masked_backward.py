@@ -297,3 +297,63 @@ def test_mask_forward_saves_no_masked_weight_copies(monkeypatch):
     # The weights of Linear layers 2-4 (layer 1's input needs no gradient, biases are not saved).
     assert len(packed) == 3
     assert all(any(p is q for q in model.masked_parameters()) for _, p, *_ in packed)
+
+
+@pytest.mark.parametrize("normalize", fk.NORMALIZE_MODES)
+@pytest.mark.parametrize("kind", ["full", "top2", "skip"])
+@pytest.mark.parametrize("mask_forward", [False, True], ids=["eq4", "mask_forward"])
+def test_stream_one_task_at_a_time_matches_reference(kind, normalize, mask_forward):
+    """MaskedBackwardStream: task t's forward, then its backward (graph freed), then task t + 1's:
+    the reference .grad in float64, and the same bits as masked_multitask_backward on the same
+    losses."""
+    model = make_model(kind)
+    mask = make_mask(model, seed=4)
+    xs, ys = make_data(heterogeneous=True)
+    expected = reference_grads(model, mask, xs, ys, normalize, mask_forward)
+    masks = [[m[t] for m in mask.to_bool_stacked()] for t in range(T)] if mask_forward else [None] * T
+    model.zero_grad(set_to_none=True)
+    args = (model.masked_parameters(), mask)
+    kwargs = dict(
+        dense_params=model.dense_shared_parameters(), head_params=model.head_parameters(), normalize=normalize
+    )
+    with fsmtl.MaskedBackwardStream(*args, num_tasks=T, **kwargs) as stream:
+        for t in range(T):
+            loss = ((model(xs[t], t, masks[t]) - ys[t]) ** 2).mean()
+            stream.backward(t, loss)
+            with pytest.raises(RuntimeError):  # the graph was freed: one task graph alive at a time
+                loss.backward()
+        stream.finish()
+    model.pop_forward_record()
+    check(model, expected)
+    streamed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    losses = [((model(xs[t], t, masks[t]) - ys[t]) ** 2).mean() for t in range(T)]
+    fsmtl.masked_multitask_backward(losses, *args, batched=False, **kwargs)
+    model.pop_forward_record()
+    for s, p in zip(streamed, model.parameters(), strict=True):
+        assert torch.equal(s, p.grad)
+
+
+def test_stream_misuse_is_named_and_writes_nothing():
+    model = make_model("full")
+    mask = make_mask(model)
+    params = model.masked_parameters()
+    kwargs = dict(head_params=model.head_parameters())
+    with pytest.raises(ValueError, match="num_tasks"):
+        fsmtl.MaskedBackwardStream(params, mask, num_tasks=T + 1, **kwargs)
+    xs, ys = make_data(heterogeneous=False)
+    model.zero_grad(set_to_none=True)
+    with fsmtl.MaskedBackwardStream(params, mask, num_tasks=T, **kwargs) as stream:
+        loss = ((model(xs[0], 0) - ys[0]) ** 2).mean()
+        with pytest.raises(ValueError, match="task must be"):
+            stream.backward(T, loss)
+        with pytest.raises(ValueError, match="scalar"):
+            stream.backward(0, torch.zeros(2, requires_grad=True))
+        stream.backward(0, loss)
+        with pytest.raises(ValueError, match="already"):
+            stream.backward(0, ((model(xs[0], 0) - ys[0]) ** 2).mean())
+        with pytest.raises(ValueError, match=r"task\(s\) \[1, 2\]"):
+            stream.finish()
+    model.pop_forward_record()
+    assert all(p.grad is None for p in model.masked_parameters())
+    assert not any(p._post_accumulate_grad_hooks for p in params)  # hooks removed

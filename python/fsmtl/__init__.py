@@ -9,7 +9,7 @@ Two ways to use it:
 """
 
 from .estimators import ESTIMATORS, task_scores
-from .gradients import masked_multitask_backward, per_task_gradients
+from .gradients import MaskedBackwardStream, masked_multitask_backward, per_task_gradients
 from .masks import compute_masks
 from .model import MultiTaskModel, count_nonzero_shared
 from .strategies import EqualWeighting, FisherSparse, MaskSchedule, RandomSparse, Strategy
@@ -26,6 +26,7 @@ __all__ = [
     "Trainer",
     "compute_masks",
     "count_nonzero_shared",
+    "MaskedBackwardStream",
     "masked_multitask_backward",
     "per_task_gradients",
     "task_scores",

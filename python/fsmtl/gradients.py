@@ -161,51 +161,74 @@ class _Sums:
                 self.others_seen[i] = True
 
 
-def _sequential(losses, masked, others, mask, backend) -> _Sums:
-    """T backward passes on CPU, each masked parameter's gradient added into its running sum the
-    moment autograd produces it (a post-accumulate-grad hook per parameter, then ``.grad``
-    dropped): the one-layer gradient is consumed while in cache and at most one layer's task
-    gradient exists at a time. ``others`` (dense parameters above the boundary, heads, boundary
-    activations) accumulate in their own ``.grad`` over the T passes, copied into the sums at the
-    end. (On CUDA a launch per parameter and task costs more than the cache saves: there each
-    task's gradients are added by one launch over all parameters, :func:`_task_rows`.)"""
-    sums = _Sums(masked, [], mask, backend)
-    device = masked[0].device if masked else others[0].device
-    run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
-    offsets = mask.word_offsets if mask is not None else []
-    task = [0]
+class _Stream:
+    """T backward passes, one per :meth:`add`, streamed into the running sums.
 
-    def hook_for(i: int):
-        def hook(p: torch.Tensor) -> None:
-            g, p.grad = p.grad, None
-            if run is None:
-                sums.masked[i].add_(g)
-            else:
-                run([sums.masked[i]], [g], mask.words, [offsets[i]], task[0])
+    On CPU each masked parameter's gradient is added into its running sum the moment autograd
+    produces it (a post-accumulate-grad hook per parameter, then ``.grad`` dropped): the one-layer
+    gradient is consumed while in cache and at most one layer's task gradient exists at a time.
+    ``others`` (dense parameters above the boundary, heads, boundary activations) accumulate in
+    their own ``.grad`` over the T passes, moved into the sums by :meth:`close`. On CUDA a launch
+    per parameter and task costs more than the cache saves: there each task's gradients come from
+    one ``autograd.grad`` and are added by one launch over all parameters.
+    """
 
-        return hook
+    def __init__(self, masked, others, mask, backend):
+        self.masked, self.others, self.mask, self.backend = masked, others, mask, backend
+        device = masked[0].device if masked else others[0].device
+        self.hooked = device.type == "cpu"
+        self.sums = _Sums(masked, [] if self.hooked else others, mask, backend)
+        self.task = 0
+        self.handles = []
+        self.closed = False
+        if not self.hooked:
+            return
+        run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
+        offsets = mask.word_offsets if mask is not None else []
+        sums = self.sums
 
-    for o in others:
-        if not o.is_leaf:
-            o.retain_grad()  # a boundary activation: its .grad collects the T passes' sum
-    saved = [o.grad for o in others]
-    for p in masked:
-        p.grad = None  # the accumulator may be the old .grad (zeroed), kept in sums.masked
-    for o in others:
-        o.grad = None
-    handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(masked)]
-    try:
-        for t, loss in enumerate(losses):
-            task[0] = t
-            torch.autograd.backward(loss, inputs=masked + others, retain_graph=True)
-    finally:
-        for h in handles:
+        def hook_for(i: int):
+            def hook(p: torch.Tensor) -> None:
+                g, p.grad = p.grad, None
+                if run is None:
+                    sums.masked[i].add_(g)
+                else:
+                    run([sums.masked[i]], [g], mask.words, [offsets[i]], self.task)
+
+            return hook
+
+        for o in others:
+            if not o.is_leaf:
+                o.retain_grad()  # a boundary activation: its .grad collects the T passes' sum
+        self.saved = [o.grad for o in others]
+        for p in masked:
+            p.grad = None  # the accumulator may be the old .grad (zeroed), kept in sums.masked
+        for o in others:
+            o.grad = None
+        self.handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(masked)]
+
+    def add(self, t: int, loss: torch.Tensor, retain_graph: bool) -> None:
+        """One backward pass of task ``t``'s loss into the sums."""
+        if not self.hooked:
+            inputs = self.masked + self.others
+            self.sums.add(t, torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True))
+            return
+        self.task = t
+        torch.autograd.backward(loss, inputs=self.masked + self.others, retain_graph=retain_graph)
+
+    def close(self) -> _Sums:
+        """Remove the hooks; the sums of every pass so far (``.grad`` of ``others`` restored)."""
+        for h in self.handles:
             h.remove()
-    sums.others = [o.grad if o.grad is not None else torch.zeros_like(o) for o in others]
-    sums.others_seen = [o.grad is not None for o in others]
-    for o, old in zip(others, saved):
-        o.grad = old
-    return sums
+        if self.hooked and not self.closed:
+            self.closed = True
+            others = self.others
+            self.sums.others = [o.grad if o.grad is not None else torch.zeros_like(o) for o in others]
+            self.sums.others_seen = [o.grad is not None for o in others]
+            for o, old in zip(others, self.saved):
+                o.grad = old
+        self.handles = []
+        return self.sums
 
 
 def _accumulator(p: torch.Tensor) -> torch.Tensor:
@@ -297,8 +320,14 @@ def masked_multitask_backward(
         mode = batched
 
     def run(use_batched: bool) -> _Sums:
-        if not use_batched and inputs[0].device.type == "cpu":
-            return _sequential(losses, masked, others, mask, backend)
+        if not use_batched:
+            stream = _Stream(masked, others, mask, backend)
+            try:
+                for t, loss in enumerate(losses):
+                    stream.add(t, loss, retain_graph=True)
+            finally:
+                sums = stream.close()
+            return sums
         sums = _Sums(masked, others, mask, backend)
         for t, grads in _task_rows(losses, inputs, use_batched, chunk):
             sums.add(t, grads)
@@ -334,6 +363,13 @@ def masked_multitask_backward(
     else:
         sums = run(False)
 
+    _write_grads(sums, masked, above, heads, below, cut, mask, normalize, num_tasks, backend)
+
+
+def _write_grads(sums, masked, above, heads, below, cut, mask, normalize, num_tasks, backend) -> None:
+    """``.grad`` from the step's sums: masked parameters the normalized masked sum, dense ones
+    (``above``) the task average, heads their sum (added to an existing ``.grad``), and the
+    parameters ``below`` the boundary one backward of the averaged boundary gradient."""
     if mask is not None and normalize == "selected":
         counts = _selected_count(mask, torch.float32, backend)
         for acc, count in zip(sums.masked, counts):
@@ -357,6 +393,76 @@ def masked_multitask_backward(
     for p in below:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+
+
+class MaskedBackwardStream:
+    """Eq. 4 for losses that arrive one task at a time: each :meth:`backward` is one backward pass
+    (its graph freed), streamed into the masked sum; :meth:`finish` writes ``.grad`` exactly as
+    :func:`masked_multitask_backward` does for the same losses (the same bits: the same passes in
+    the same order). For separate task forwards (``mask_forward``, heterogeneous tasks) run task
+    ``t``'s forward, then ``backward(t, loss)``, before task ``t + 1``'s forward: one task graph
+    alive at a time, O(P) extra memory.
+
+    Use as a context manager (or call :meth:`close`): the CPU path hooks the masked parameters
+    until then. Every task's loss must be passed exactly once before :meth:`finish`.
+    """
+
+    def __init__(
+        self,
+        masked_params: Sequence[torch.Tensor],
+        mask: fk.PackedMask | None,
+        *,
+        num_tasks: int,
+        dense_params: Sequence[torch.Tensor] = (),
+        head_params: Sequence[torch.Tensor],
+        normalize: str = "tasks",
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+        if mask is not None and mask.num_tasks != num_tasks:
+            raise ValueError(f"mask has {mask.num_tasks} tasks but num_tasks={num_tasks}")
+        if normalize not in fk.NORMALIZE_MODES:
+            raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
+        self.masked, self.dense, self.heads = list(masked_params), list(dense_params), list(head_params)
+        if not self.masked + self.dense + self.heads:
+            raise ValueError("MaskedBackwardStream needs at least one parameter")
+        self.mask, self.normalize, self.backend, self.num_tasks = mask, normalize, backend, num_tasks
+        self.done = [False] * num_tasks
+        self.stream = _Stream(self.masked, self.dense + self.heads, mask, backend)
+
+    def backward(self, task: int, loss: torch.Tensor) -> None:
+        """One backward pass of task ``task``'s scalar ``loss`` (its graph is freed)."""
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
+        if self.done[task]:
+            raise ValueError(f"task {task}'s loss was already passed in this step")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = getattr(loss, "shape", type(loss).__name__)
+            raise ValueError(f"loss of task {task} must be a scalar tensor, got {got}")
+        self.stream.add(task, loss, retain_graph=False)
+        self.done[task] = True
+
+    def finish(self) -> None:
+        """Write ``.grad`` (masked, dense and head parameters) and remove the hooks."""
+        missing = [t for t, d in enumerate(self.done) if not d]
+        if missing:
+            self.close()
+            raise ValueError(f"no loss was passed for task(s) {missing}; every task needs one backward")
+        sums = self.stream.close()
+        _write_grads(
+            sums, self.masked, self.dense, self.heads, [], [], self.mask, self.normalize, self.num_tasks, self.backend
+        )
+
+    def close(self) -> None:
+        """Remove the hooks without writing ``.grad`` (an abandoned step)."""
+        self.stream.close()
+
+    def __enter__(self) -> MaskedBackwardStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 #: Below this many entries (parameters and boundary) one batched product beats T backward calls
