@@ -357,3 +357,14 @@ def test_stream_misuse_is_named_and_writes_nothing():
     model.pop_forward_record()
     assert all(p.grad is None for p in model.masked_parameters())
     assert not any(p._post_accumulate_grad_hooks for p in params)  # hooks removed
+
+
+def test_mask_of_other_shapes_is_refused_before_any_backward():
+    model = make_model("top2")
+    other = make_mask(make_model("full"))  # T rows, but over the whole trunk's shapes
+    xs, ys = make_data(heterogeneous=False)
+    losses = task_losses(model, xs, ys)
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="masked_params have shapes"):
+        fsmtl.masked_multitask_backward(losses, model.masked_parameters(), other, head_params=model.head_parameters())
+    assert all(p.grad is None for p in model.parameters())

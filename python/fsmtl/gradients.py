@@ -146,12 +146,16 @@ class _Sums:
         self.masked = [_accumulator(p) for p in masked]
         self.others = [torch.zeros_like(p) for p in others]
         self.others_seen = [False] * len(others)
+        # The op's kernel without the public checks (shapes and devices were checked once, by
+        # _check_mask; rows come from autograd): on CUDA the per-call Python cost is the step's.
+        device = (masked or others)[0].device
+        self.run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
 
     def add(self, t: int, grads) -> None:
         n = len(self.masked)
         rows = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:n], self.masked)]
-        if self.mask is not None:
-            fk.masked_accumulate(self.masked, rows, self.mask, t, backend=self.backend)
+        if self.run is not None:
+            self.run(self.masked, rows, self.mask.words, self.mask.word_offsets, t)
         else:
             for a, g in zip(self.masked, rows):
                 a.add_(g)
@@ -159,6 +163,22 @@ class _Sums:
             if g is not None:
                 self.others[i].add_(g)
                 self.others_seen[i] = True
+
+
+def _check_mask(mask: fk.PackedMask | None, masked: list[torch.Tensor], num_tasks: int, tasks_from: str) -> None:
+    """The mask fits the step: one row per task (``tasks_from`` names where T came from), one
+    entry per masked parameter's shape, same device."""
+    if mask is None:
+        return
+    if not isinstance(mask, fk.PackedMask):
+        raise TypeError(f"mask must be a PackedMask or None, got {type(mask).__name__}")
+    if mask.num_tasks != num_tasks:
+        raise ValueError(f"mask has {mask.num_tasks} tasks but {tasks_from}")
+    shapes = tuple(tuple(p.shape) for p in masked)
+    if tuple(tuple(s) for s in mask.shapes) != shapes:
+        raise ValueError(f"mask covers shapes {list(mask.shapes)} but masked_params have shapes {list(shapes)}")
+    if masked and mask.device != masked[0].device:
+        raise ValueError(f"mask is on {mask.device} but masked_params are on {masked[0].device}")
 
 
 class _Stream:
@@ -183,7 +203,7 @@ class _Stream:
         self.closed = False
         if not self.hooked:
             return
-        run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
+        run = self.sums.run
         offsets = mask.word_offsets if mask is not None else []
         sums = self.sums
 
@@ -297,13 +317,12 @@ def masked_multitask_backward(
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             got = getattr(loss, "shape", type(loss).__name__)
             raise ValueError(f"losses[{t}] must be a scalar tensor (one loss per task), got {got}")
-    if mask is not None and mask.num_tasks != len(losses):
-        raise ValueError(f"mask has {mask.num_tasks} tasks but there are {len(losses)} losses")
     if normalize not in fk.NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
     if batched not in (True, False, "auto", "measure"):
         raise ValueError(f"batched must be True, False, 'auto' or 'measure', got {batched!r}")
     masked = list(masked_params)
+    _check_mask(mask, masked, len(losses), f"there are {len(losses)} losses")
     heads = list(head_params)
     below, above, cut = _dense_split(losses, list(dense_params), boundary)
     others = above + heads + cut
@@ -420,11 +439,10 @@ class MaskedBackwardStream:
     ) -> None:
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-        if mask is not None and mask.num_tasks != num_tasks:
-            raise ValueError(f"mask has {mask.num_tasks} tasks but num_tasks={num_tasks}")
         if normalize not in fk.NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
         self.masked, self.dense, self.heads = list(masked_params), list(dense_params), list(head_params)
+        _check_mask(mask, self.masked, num_tasks, f"num_tasks={num_tasks}")
         if not self.masked + self.dense + self.heads:
             raise ValueError("MaskedBackwardStream needs at least one parameter")
         self.mask, self.normalize, self.backend, self.num_tasks = mask, normalize, backend, num_tasks
