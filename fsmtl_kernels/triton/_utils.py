@@ -108,12 +108,17 @@ def segment_table(rows: list[tuple[int, ...]], device: torch.device) -> torch.Te
     return table
 
 
+def cdiv(n: int, d: int) -> int:
+    """``ceil(n / d)`` for host ints (``triton.cdiv`` is a jit function: ~10 us per host call)."""
+    return -(-n // d)
+
+
 def block_starts(numels: list[int], block: int) -> tuple[list[int], int]:
     """First global block of each parameter and the total number of blocks."""
     starts, total = [], 0
     for n in numels:
         starts.append(total)
-        total += triton.cdiv(n, block)
+        total += cdiv(n, block)
     return starts, total
 
 

@@ -97,7 +97,7 @@ def linear_fisher_forward(grad_output, inputs, weight_fisher, bias_fisher, scale
     block_m, block_n, block_k = _utils.block_size("linear")
     has_bias = bias_fisher is not None
     bias = bias_fisher if has_bias else weight_fisher
-    grid = (triton.cdiv(n_out, block_m), triton.cdiv(n_in, block_n))
+    grid = (_utils.cdiv(n_out, block_m), _utils.cdiv(n_in, block_n))
     _linear_fisher_kernel[grid](
         grad_output,
         inputs,
