@@ -152,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=3, help="T for the masked average")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median reported)")
     parser.add_argument("--json", type=Path, default=Path("gpu_bandwidth.json"), help="where to write the results")
+    parser.add_argument(
+        "--blocks",
+        nargs="*",
+        default=[],
+        metavar="OP=N",
+        help="Triton block sizes to use instead of the defaults (fsmtl_kernels.triton._utils.GPU_BLOCKS), "
+        "e.g. average=4096 fisher=4096",
+    )
+    parser.add_argument("--only", nargs="*", default=[], help="kernels to measure (default: all)")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -170,18 +179,35 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
+    from fsmtl_kernels.triton import _utils
+
+    for item in args.blocks:
+        op, _, size = item.partition("=")
+        if op not in _utils.GPU_BLOCKS or op == "linear" or not size.isdigit():
+            parser.error(f"--blocks takes OP=N with OP one of {sorted(set(_utils.GPU_BLOCKS) - {'linear'})}")
+        _utils.GPU_BLOCKS[op] = int(size)
+
+    def wanted(name: str) -> bool:
+        return not args.only or name in args.only
+
     rows = []
     for p in (int(s) for s in args.sizes):
-        rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float32))
-        rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float16))
-        rows.append(bench_masked_grad_average(p, args.tasks, device, args.repeats, torch.float32))
-        for ratio in (0.1, 0.5, 0.9):
+        if wanted("fisher_accumulate"):
+            rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float32))
+            rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float16))
+        if wanted("masked_grad_average"):
+            rows.append(bench_masked_grad_average(p, args.tasks, device, args.repeats, torch.float32))
+        for ratio in (0.1, 0.5, 0.9) if wanted("topk_mask") else ():
             rows.append(bench_topk_mask(p, ratio, device, args.repeats))
         torch.cuda.empty_cache()
-    rows.append(bench_linear_fisher(device, args.repeats))
+    if wanted("linear_fisher"):
+        rows.append(bench_linear_fisher(device, args.repeats))
 
     keys = ["kernel", "P", "ms", "gbps", "copy_gbps", "ratio_to_copy", "ratio_to_one_read"]
-    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"blocks {_utils.GPU_BLOCKS}"
+    )
     print(" | ".join(f"{k:>14}" for k in keys) + " | speed-ups")
     for r in rows:
         speedups = ", ".join(f"{k[11:]}: {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
@@ -192,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "blocks": dict(_utils.GPU_BLOCKS),
         "rows": rows,
     }
     args.json.write_text(json.dumps(result, indent=2))
