@@ -19,8 +19,8 @@ Methods:
   with the masks over the whole trunk, ``batched=False/True/"auto"``.
 * ``partial-top2``: masks over the top 2 of the trunk's 6 layers (dense layers below, one
   backward through them via the boundary), ``batched="auto"``.
-* ``mask-forward``: Eq. 3, each task's forward on ``S_t * theta`` (T trunk forwards), then the
-  masked backward, as the Trainer runs it.
+* ``mask-forward``: Eq. 3, each task's forward on ``S_t * theta`` followed by its backward,
+  streamed into the masked sum (:class:`fsmtl.MaskedBackwardStream`), as the Trainer runs it.
 * ``mask-forward-loop``: its baseline, T separate forward/backward passes on ``S_t * theta``
   (float masked weights), the gradients summed by hand.
 * ``torchjd-mgda`` / ``torchjd-upgrad``: the Jacobian of the trunk, aggregated by torchjd.
@@ -157,7 +157,13 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
 
         def step():
             zero()
-            strategy.backward(losses(masks))
+            # As the Trainer runs it: task t's masked forward, then its backward (graph freed),
+            # before task t + 1's forward; the stream writes .grad at finish().
+            with strategy.open_backward_stream() as stream:
+                for t, y in enumerate(ys):
+                    stream.backward(t, bce(model(x, t, masks[t]), y))
+                stream.finish()
+            model.pop_forward_record()
     elif method == "mask-forward-loop":
         every = model.masked_parameters()
         bools = mask.to_bool_stacked()

@@ -402,31 +402,41 @@ class Trainer:
         record = self.strategy.on_step(self.epoch, self.global_step, self.epoch_step == 0)
         if record is not None:
             self.history["mask_updates"].append(record)
-        amp = AMP_DTYPES[self.amp]
-        with torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext():
-            outputs = self._outputs(inputs)
-            losses = [task_loss(task, out, y) for task, out, y in zip(self.tasks, outputs, targets)]
-        losses = [loss.float() for loss in losses]
-        # The step's only device sync: the loss values, checked before anything is updated.
-        values = torch.stack([loss.detach() for loss in losses]).cpu()
-        if self._sync is not None:
-            values = self._sync.reduce_losses(values, ckpt.STOP.is_set())  # the global batch's losses
-        finite = torch.isfinite(values)
-        if not bool(finite.all()):
-            task = self.tasks[int((~finite).nonzero()[0])]
-            if not self.skip_nonfinite:
+        streamed = self._open_stream()
+        try:
+            losses = self._losses(inputs, targets, streamed)
+            # The step's only device sync: the loss values, checked before anything is updated
+            # (a streamed step's gradients are still private to its stream until finish()).
+            values = torch.stack([loss.detach() for loss in losses]).cpu()
+            if self._sync is not None:
+                values = self._sync.reduce_losses(values, ckpt.STOP.is_set())  # the global batch's losses
+            finite = torch.isfinite(values)
+            ok = bool(finite.all())
+            if not ok and not self.skip_nonfinite:
+                task = self.tasks[int((~finite).nonzero()[0])]
                 raise FloatingPointError(
                     f"non-finite loss {float(values[self.tasks.index(task)])} of task {task.name!r} at epoch "
                     f"{self.epoch}, step {self.global_step} (epoch step {self.epoch_step}); nothing was updated "
                     "(skip_nonfinite=True skips such steps)"
                 )
+            if streamed is not None and ok:
+                streamed.finish()
+            elif streamed is not None:
+                streamed.abandon()  # a skipped step writes no .grad
+        except BaseException:
+            if streamed is not None:
+                streamed.abandon()
+            raise
+        if not ok:
             self.history["skipped_nonfinite"] += 1
         else:
-            self.optimizer.zero_grad(set_to_none=True)
+            if streamed is None:
+                self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 # The masked average is linear in the losses: scaling each loss scales the combined
                 # gradient, which is unscaled once, before the strategy's pre-step hook.
-                self.strategy.backward([self.scaler.scale(loss) for loss in losses])
+                if streamed is None:
+                    self.strategy.backward([self.scaler.scale(loss) for loss in losses])
                 self._all_reduce_grads()
                 self.scaler.unscale_(self.optimizer)
                 self.strategy.before_optimizer_step()
@@ -438,7 +448,8 @@ class Trainer:
             elif getattr(self.strategy, "in_turns", False):
                 self._step_in_turns(inputs, targets, losses)
             else:
-                self.strategy.backward(losses)
+                if streamed is None:
+                    self.strategy.backward(losses)
                 self._all_reduce_grads()
                 self.strategy.before_optimizer_step()
                 self.optimizer.step()
@@ -467,6 +478,42 @@ class Trainer:
             if t < len(self.tasks) - 1:
                 self.strategy.after_optimizer_step()
 
+    def _open_stream(self) -> _StreamedBackward | None:
+        """A streamed step when the tasks run separate trunk forwards (forward masks, heterogeneous
+        inputs) and the strategy can take their losses one task at a time
+        (``streams_backward()``, e.g. a :class:`~fsmtl.strategies.SparseStrategy` with a mask):
+        each task's backward then runs right after its forward, one task graph alive at a time."""
+        if getattr(self.strategy, "in_turns", False) or self._shared_forward():
+            return None
+        streams = getattr(self.strategy, "streams_backward", None)
+        if streams is None or not streams():
+            return None
+        return _StreamedBackward(self.model, self.optimizer, self.strategy.open_backward_stream)
+
+    def _losses(self, inputs, targets, streamed: _StreamedBackward | None) -> list[torch.Tensor]:
+        """The T task losses (float32), under autocast when ``amp`` is set. Streamed: task t's
+        forward, its loss and its backward (the loss scaled by the grad scaler, outside autocast)
+        before task t + 1's forward; the losses come back detached."""
+        amp = AMP_DTYPES[self.amp]
+        device_type = self.device.type
+
+        def autocast():
+            return torch.autocast(device_type, dtype=amp) if amp is not None else nullcontext()
+
+        if streamed is None:
+            with autocast():
+                outputs = self._outputs(inputs)
+                losses = [task_loss(task, out, y) for task, out, y in zip(self.tasks, outputs, targets)]
+            return [loss.float() for loss in losses]
+        losses = []
+        for t, (task, x, y) in enumerate(zip(self.tasks, inputs, targets)):
+            with autocast():
+                loss = task_loss(task, self.model(x, t, self.strategy.forward_mask(t)), y)
+            loss = loss.float()
+            streamed.backward(t, loss if self.scaler is None else self.scaler.scale(loss))
+            losses.append(loss.detach())
+        return losses
+
     def _all_reduce_grads(self) -> None:
         """Several ranks: one all-reduce of the combined gradients (shared + heads), weighted by each
         rank's share of the global batch."""
@@ -486,12 +533,17 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
+    def _shared_forward(self) -> bool:
+        """One trunk forward feeds every head: shared inputs, no forward masks, no modulation."""
+        if not self.homogeneous or self.strategy.modulates_forward:
+            return False
+        return all(self.strategy.forward_mask(t) is None for t in range(len(self.tasks)))
+
     def _outputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        masks = [self.strategy.forward_mask(t) for t in range(len(self.tasks))]
-        if self.homogeneous and all(m is None for m in masks) and not self.strategy.modulates_forward:
+        if self._shared_forward():
             features = self.model.features(inputs[0])
             return [head(features) for head in self.model.heads]
-        return [self.model(x, t, masks[t]) for t, x in enumerate(inputs)]
+        return [self.model(x, t, self.strategy.forward_mask(t)) for t, x in enumerate(inputs)]
 
     def _end_epoch(self, val, eval_every, log_path, restore_best, patience, batch_size) -> None:
         mean = self._epoch_totals / max(self._epoch_counted, 1)
@@ -589,6 +641,49 @@ class Trainer:
 
         outputs, targets = self._predict_with_targets(data, batch_size, "data")
         return [task_metrics(task, out, y) for task, out, y in zip(self.tasks, outputs, targets)]
+
+
+class _StreamedBackward:
+    """The Trainer's side of a streamed step: the strategy's stream (``open_backward_stream``),
+    opened on ``.grad`` set to None, with the ``.grad`` tensors it replaced kept aside until the
+    step's losses are known to be finite: :meth:`finish` writes the step's ``.grad``,
+    :meth:`abandon` (a non-finite loss, an error) closes the stream without writing and puts the
+    old ``.grad`` back, so an abandoned step changes no gradient."""
+
+    def __init__(self, model: MultiTaskModel, optimizer: torch.optim.Optimizer, open_stream) -> None:
+        params = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+        params.update((id(p), p) for p in model.parameters())
+        self.model = model
+        self.saved = [(p, p.grad) for p in params.values()]
+        optimizer.zero_grad(set_to_none=True)  # before the forwards: the stream takes .grad over
+        try:
+            self.stream = open_stream()
+        except BaseException:
+            self._restore()
+            raise
+        self.done = False
+
+    def backward(self, task: int, loss: torch.Tensor) -> None:
+        self.stream.backward(task, loss)
+
+    def finish(self) -> None:
+        self.stream.finish()
+        self.done = True
+        self.saved = []
+        self.model.pop_forward_record()  # the stream took every task's graph
+
+    def abandon(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.stream.close()
+        self._restore()
+        self.model.pop_forward_record()
+
+    def _restore(self) -> None:
+        for p, grad in self.saved:
+            p.grad = grad
+        self.saved = []
 
 
 def primary_score(tasks: Sequence[Task], metrics: Sequence[dict[str, float]]) -> float:

@@ -11,7 +11,7 @@ import torch
 import fsmtl_kernels as fk
 
 from ...distributed import check_identical
-from ...gradients import dense_multitask_backward, masked_multitask_backward
+from ...gradients import MaskedBackwardStream, dense_multitask_backward, masked_multitask_backward
 from ..base import Strategy
 from .schedule import MaskSchedule
 
@@ -34,9 +34,10 @@ class SparseStrategy(Strategy):
             forward: ``True`` batched vector-Jacobian products, ``False`` T backward passes,
             ``"auto"`` (default) the rule of :func:`fsmtl.gradients.auto_batched`,
             ``"measure"`` the faster of the two, timed once at the first masked step. Separate
-            trunk forwards (heterogeneous tasks, ``mask_forward``) always take T backward passes. Either way each task's
-            gradient is streamed into the masked sum (no ``[T, P]`` buffer), and trunk layers
-            below ``masked_modules`` get one backward of the summed loss.
+            trunk forwards (heterogeneous tasks, ``mask_forward``) always take T backward passes;
+            the Trainer runs each right after its task's forward (:meth:`open_backward_stream`).
+            Either way each task's gradient is streamed into the masked sum (no ``[T, P]``
+            buffer), and trunk layers below ``masked_modules`` get one backward of the summed loss.
     """
 
     def __init__(
@@ -132,6 +133,45 @@ class SparseStrategy(Strategy):
         device = self.context.model.masked_parameters()[0].device
         self.set_mask(fk.PackedMask.from_state_dict(state["mask"]).to(device))
 
+    def streams_backward(self) -> bool:
+        """Whether a step whose tasks run separate trunk forwards (``mask_forward``, heterogeneous
+        tasks) may pass its losses one task at a time to :meth:`open_backward_stream` instead of
+        all at once to :meth:`backward`: when a mask is set and there are several tasks, where
+        :meth:`backward` takes the same T backward passes. Not in the warm-up (no mask: dense MTL
+        is one backward of the summed loss) nor for a single task (one trunk forward, for which
+        :meth:`backward` may batch and cut at the boundary)."""
+        return self.mask is not None and self.mask.num_tasks > 1
+
+    def open_backward_stream(self) -> MaskedBackwardStream:
+        """This step's masked backward for losses that arrive one task at a time: a
+        :class:`fsmtl.MaskedBackwardStream` over this strategy's mask and normalization.
+
+        The caller (the Trainer) runs task t's forward (under :meth:`forward_mask`), its loss and
+        ``stream.backward(t, loss)`` before task t + 1's forward, so one task graph is alive at a
+        time, then ``stream.finish()``; or ``stream.close()`` to abandon the step without writing
+        ``.grad``. ``finish`` writes the ``.grad`` :meth:`backward` writes for the same losses of
+        separate forwards, bit for bit: the same T backward passes in the same order (with
+        several separate forwards every dense trunk parameter reaches the losses through an
+        earlier task's own graph, so :meth:`backward` cuts nothing off at the boundary either).
+        Call it with the model's ``.grad`` set to None (``zero_grad(set_to_none=True)``): the
+        stream takes the masked, dense and head parameters' ``.grad`` over until it is closed.
+        """
+        if not self.streams_backward():
+            raise RuntimeError(
+                f"{type(self).__name__}.open_backward_stream needs a mask and several tasks "
+                "(streams_backward() is False): use backward(losses)"
+            )
+        model = self.context.model
+        model.pop_forward_record()  # forwards before the stream are not this step's
+        return MaskedBackwardStream(
+            model.masked_parameters(),
+            self.mask,
+            num_tasks=self.mask.num_tasks,
+            dense_params=model.dense_shared_parameters(),
+            head_params=model.head_parameters(),
+            normalize=self.normalize,
+        )
+
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model
         boundary, trunk_forwards = model.pop_forward_record()
@@ -139,7 +179,8 @@ class SparseStrategy(Strategy):
             dense_multitask_backward(losses, model.shared_parameters())
             return
         # Losses from separate trunk forwards (heterogeneous tasks, mask_forward) share no graph to
-        # batch over: T backward passes, streamed into the masked sum.
+        # batch over: T backward passes, streamed into the masked sum (the Trainer streams them
+        # as they arrive instead, through open_backward_stream).
         batched = self.batched_grads if trunk_forwards <= 1 else False
         masked_multitask_backward(
             losses,
