@@ -159,7 +159,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
             zero()
             # As the Trainer runs it: task t's masked forward, then its backward (graph freed),
             # before task t + 1's forward; the stream writes .grad at finish().
-            with strategy.open_backward_stream() as stream:
+            with strategy.open_backward_stream() as stream, model.streamed_forwards():
                 for t, y in enumerate(ys):
                     stream.backward(t, bce(model(x, t, masks[t]), y))
                 stream.finish()

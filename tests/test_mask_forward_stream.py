@@ -7,6 +7,7 @@ and the same bits as the strategy's all-losses ``backward``; the call order; a n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 
@@ -290,3 +291,36 @@ def test_streamed_training_is_bit_identical_to_all_losses_backward(amp):
             grads[precision] = model.masked_parameters()[0].grad.clone()
         assert not torch.equal(grads[amp], grads[None])
         torch.testing.assert_close(grads[amp], grads[None], atol=5e-2, rtol=5e-2)
+
+
+def test_streamed_forwards_keep_the_masked_weights_and_give_the_same_grads(monkeypatch):
+    """Inside ``streamed_forwards()`` a masked forward saves its masked weights as they are (no
+    (parameter, mask) packing to rebuild in the backward); the gradients are the same bits."""
+    from fsmtl import model as model_module
+
+    packed = []
+    original = model_module._SavedMasked.pack
+
+    def counting_pack(self, t):
+        out = original(self, t)
+        packed.append(isinstance(out, tuple))
+        return out
+
+    monkeypatch.setattr(model_module._SavedMasked, "pack", counting_pack)
+    model = make_model()
+    xs, ys = make_batch()
+    gen = torch.Generator().manual_seed(5)
+    mask = [torch.rand(p.shape, generator=gen) < 0.5 for p in model.masked_parameters()]
+    grads = {}
+    for streamed in (False, True):
+        packed.clear()
+        model.zero_grad(set_to_none=True)
+        with model.streamed_forwards() if streamed else contextlib.nullcontext():
+            out = model(xs[0], 0, mask)
+        assert any(packed) != streamed  # outside: the masked weights are packed as (p, mask)
+        out.square().sum().backward()
+        grads[streamed] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.pop_forward_record()
+    assert model._streamed is False  # the context restores the flag
+    for a, b in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(a, b)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ class MultiTaskModel(nn.Module):
         # the masks (only when trunk parameters stay outside them).
         self._boundary_modules = list(masked_modules or ()) if self.dense_shared_parameters() else []
         self._record = _ForwardRecord()
+        self._streamed = False  # inside streamed_forwards()
 
     @property
     def num_tasks(self) -> int:
@@ -89,11 +91,12 @@ class MultiTaskModel(nn.Module):
             # the mask and 0 outside. torch.where(m, p, 0) gives the same up to the sign of 0 but
             # took 1.44 ms against 0.42 ms for a 512x512 weight (one thread, torch 2.13 CPU).
             overrides = {n: p * m for n, p, m in zip(self._masked_names, self.masked_parameters(), mask)}
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or self._streamed:
                 return functional_call(self.trunk, overrides, (x,))
             # The layers save their (masked) weights for the backward: T task forwards would hold T
             # masked copies of theta_sh. Saved as (parameter, bool mask) instead and recomputed by
-            # the backward, so each copy lives only during its own forward.
+            # the backward, so each copy lives only during its own forward (streamed_forwards()
+            # skips this: there one graph is alive at a time).
             sources = {
                 w.untyped_storage().data_ptr(): (p, m)
                 for w, p, m in zip(overrides.values(), self.masked_parameters(), mask)
@@ -103,6 +106,18 @@ class MultiTaskModel(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def streamed_forwards(self) -> Iterator[None]:
+        """Inside, each masked forward's graph is backwarded before the next forward runs (as
+        :class:`fsmtl.MaskedBackwardStream` does): a masked forward then keeps its masked weights
+        for its backward, one copy of the masked parameters alive, instead of saving (parameter,
+        mask) and rebuilding ``p * m`` in the backward for every layer and task."""
+        previous, self._streamed = self._streamed, True
+        try:
+            yield
+        finally:
+            self._streamed = previous
 
     def pop_forward_record(self) -> tuple[tuple[torch.Tensor, ...], int]:
         """What the trunk forwards since the last call leave for the backward, then forget it:

@@ -506,12 +506,13 @@ class Trainer:
                 losses = [task_loss(task, out, y) for task, out, y in zip(self.tasks, outputs, targets)]
             return [loss.float() for loss in losses]
         losses = []
-        for t, (task, x, y) in enumerate(zip(self.tasks, inputs, targets)):
-            with autocast():
-                loss = task_loss(task, self.model(x, t, self.strategy.forward_mask(t)), y)
-            loss = loss.float()
-            streamed.backward(t, loss if self.scaler is None else self.scaler.scale(loss))
-            losses.append(loss.detach())
+        with self.model.streamed_forwards():
+            for t, (task, x, y) in enumerate(zip(self.tasks, inputs, targets)):
+                with autocast():
+                    loss = task_loss(task, self.model(x, t, self.strategy.forward_mask(t)), y)
+                loss = loss.float()
+                streamed.backward(t, loss if self.scaler is None else self.scaler.scale(loss))
+                losses.append(loss.detach())
         return losses
 
     def _all_reduce_grads(self) -> None:
