@@ -175,3 +175,13 @@ def test_protocol_end_to_end_tiny(bench):
     assert fs["keep_ratio"] == max((0.3, 0.7), key=lambda p: fs["val_scores"][str(p)])
     assert fs["test_score_std"] == pytest.approx(statistics.stdev(fs["test_score_per_seed"]))
     assert fs["paired"]["vs_mtl"]["n"] == 2
+
+
+def test_mask_overlap_spread_is_the_sample_std_over_seeds():
+    a = {"overlap": [[1.0, 0.2], [0.2, 1.0]], "sizes": [3, 3]}
+    b = {"overlap": [[1.0, 0.4], [0.4, 1.0]], "sizes": [3, 3]}
+    out = experiment._mask_summary([a, None, b], 0.5)
+    assert out["overlap"][0][1] == pytest.approx(0.3)
+    assert out["overlap_std"][0][1] == pytest.approx(0.1414213562)  # ddof=1: sqrt(0.02), not 0.1
+    assert out["overlap_seeds"] == 2 and out["random_overlap"] == pytest.approx(1 / 3)
+    assert experiment._mask_summary([a], 0.5)["overlap_std"] is None  # one seed: no spread

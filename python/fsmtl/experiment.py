@@ -420,7 +420,8 @@ def _mask_summary(masks: list, keep_ratio: float) -> dict | None:
     overlaps = torch.tensor([m["overlap"] for m in masks], dtype=torch.float64)
     out = dict(masks[0])
     out["overlap"] = overlaps.mean(0).tolist()
-    out["overlap_std"] = overlaps.std(0, unbiased=False).tolist()
+    # Sample std (ddof=1), as every other spread this package reports; undefined for one seed.
+    out["overlap_std"] = overlaps.std(0).tolist() if len(masks) > 1 else None
     out["overlap_seeds"] = len(masks)
     out["random_overlap"] = random_mask_overlap(keep_ratio) if isinstance(keep_ratio, float) else None
     return out
