@@ -17,7 +17,7 @@ import fsmtl_kernels as fk
 from fsmtl_kernels import backends, reference
 from fsmtl_kernels.packed_mask import word_layout
 
-OPS = ("fisher_accumulate", "linear_fisher", "masked_grad_average", "topk_mask")
+OPS = ("fisher_accumulate", "linear_fisher", "masked_accumulate", "masked_grad_average", "topk_mask")
 
 
 def test_backend_errors(monkeypatch):
