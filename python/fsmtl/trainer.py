@@ -485,8 +485,7 @@ class Trainer:
         each task's backward then runs right after its forward, one task graph alive at a time."""
         if getattr(self.strategy, "in_turns", False) or self._shared_forward():
             return None
-        streams = getattr(self.strategy, "streams_backward", None)
-        if streams is None or not streams():
+        if not self.strategy.streams_backward():
             return None
         return _StreamedBackward(self.model, self.optimizer, self.strategy.open_backward_stream)
 

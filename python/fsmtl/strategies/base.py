@@ -78,6 +78,13 @@ class Strategy(ABC):
         """Masks to apply to the trunk in task ``task``'s forward (Eq. 3), or None."""
         return None
 
+    def streams_backward(self) -> bool:
+        """True when a step whose tasks run separate trunk forwards may pass its losses one task
+        at a time to ``open_backward_stream()`` (each task's backward right after its forward)
+        instead of all at once to :meth:`backward`. False here: a method that combines the T
+        gradients together (MGDA, GradNorm, ...) needs every loss first."""
+        return False
+
     @abstractmethod
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         """Write ``.grad`` of every trainable parameter from the T task losses of one step."""
