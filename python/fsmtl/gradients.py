@@ -142,7 +142,7 @@ class _Sums:
     everything else (dense above the boundary, heads, the boundary's gradient) by ``add_``."""
 
     def __init__(self, masked, others, mask, backend):
-        self.mask, self.backend = mask, backend
+        self.mask = mask
         self.masked = [_accumulator(p) for p in masked]
         self.others = [torch.zeros_like(p) for p in others]
         self.others_seen = [False] * len(others)
@@ -194,7 +194,7 @@ class _Stream:
     """
 
     def __init__(self, masked, others, mask, backend):
-        self.masked, self.others, self.mask, self.backend = masked, others, mask, backend
+        self.masked, self.others = masked, others
         device = masked[0].device if masked else others[0].device
         self.hooked = device.type == "cpu"
         self.sums = _Sums(masked, [] if self.hooked else others, mask, backend)
@@ -485,17 +485,17 @@ class MaskedBackwardStream:
 
 #: Below this many entries (parameters and boundary) one batched product beats T backward calls
 #: on CPU: digits MLP 64-128-128 (25,864 entries, T = 8): batched 5.2 ms, sequential 6.1 ms; an MLP
-#: of 1.4M and a CNN of 1.1M parameters: sequential 1.5-3x faster (benchmarks/step_table.py).
+#: of 1.4M and a CNN of 1.1M parameters: sequential 1.1-1.7x faster (benchmarks/step_table.py).
 AUTO_BATCHED_MAX_ENTRIES = 1 << 17
 
 
 def auto_batched(inputs: Sequence[torch.Tensor]) -> bool:
     """The rule of ``batched="auto"``: batched vector-Jacobian products for small models (at most
     :data:`AUTO_BATCHED_MAX_ENTRIES` entries, where the T calls' fixed costs dominate), T
-    backward passes otherwise. Measured in benchmarks/step_table.py: on CPU, batching is 1.5-3x
-    slower than T passes for an MLP of 1.4M and a CNN of 1.1M parameters (and holds T times the
-    activation gradients); on an H100 it is as fast or slower (MLP 1.3-1.9x the sequential time,
-    CNN 1.0-1.4x), since the memory bound ``P + T x largest`` allows only small task chunks."""
+    backward passes otherwise. Measured in benchmarks/step_table.py at T = 2, 8, 40: on CPU,
+    batching takes 1.1-1.7x the time of T passes for an MLP of 1.4M and a CNN of 1.1M parameters
+    (and holds T times the activation gradients); on an H100 1.3-2.1x (MLP) and 1.05-1.4x (CNN),
+    since the memory bound ``P + T x largest`` allows only small task chunks."""
     return sum(x.numel() for x in inputs) <= AUTO_BATCHED_MAX_ENTRIES
 
 
