@@ -23,6 +23,7 @@ from .fisher_topk import fisher_topk, fisher_topk_batched
 from .linear_fisher import linear_fisher
 from .masked_accumulate import masked_accumulate
 from .masked_grad_average import NORMALIZE_MODES, masked_grad_average
+from .masked_matmul_accumulate import masked_matmul_accumulate
 from .packed_mask import PackedMask, popcount
 from .topk_mask import topk_mask, topk_mask_batched
 
@@ -42,6 +43,7 @@ __all__ = [
     "linear_fisher",
     "masked_accumulate",
     "masked_grad_average",
+    "masked_matmul_accumulate",
     "popcount",
     "resolve_k",
     "topk_mask",

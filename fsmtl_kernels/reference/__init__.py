@@ -9,6 +9,14 @@ from .fisher_accumulate import fisher_accumulate
 from .linear_fisher import linear_fisher
 from .masked_accumulate import masked_accumulate
 from .masked_grad_average import masked_grad_average
+from .masked_matmul_accumulate import masked_matmul_accumulate
 from .topk_mask import topk_mask
 
-__all__ = ["fisher_accumulate", "linear_fisher", "masked_accumulate", "masked_grad_average", "topk_mask"]
+__all__ = [
+    "fisher_accumulate",
+    "linear_fisher",
+    "masked_accumulate",
+    "masked_grad_average",
+    "masked_matmul_accumulate",
+    "topk_mask",
+]

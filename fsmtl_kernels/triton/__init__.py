@@ -21,6 +21,7 @@ from .fisher_accumulate import _fisher_accumulate_kernel, fisher_accumulate_forw
 from .linear_fisher import linear_fisher_forward
 from .masked_accumulate import masked_accumulate_forward
 from .masked_grad_average import masked_grad_average_forward
+from .masked_matmul_accumulate import masked_matmul_accumulate_forward
 from .topk_mask import topk_mask_forward
 
 is_interpreter = _utils.is_interpreter
@@ -31,6 +32,7 @@ LAUNCHERS = {
     "linear_fisher": linear_fisher_forward,
     "masked_accumulate": masked_accumulate_forward,
     "masked_grad_average": masked_grad_average_forward,
+    "masked_matmul_accumulate": masked_matmul_accumulate_forward,
     "topk_mask": topk_mask_forward,
 }
 
