@@ -133,10 +133,12 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
                 torch.autograd.grad(loss, every, retain_graph=True, allow_unused=True)
     elif method in ("fsmtl-seq", "fsmtl-batched", "fsmtl-auto", "partial-top2"):
         batched = {"fsmtl-seq": False, "fsmtl-batched": True}.get(method, "auto")
+        model.record_linear_calls = True  # as a sparse strategy sets it
 
         def step():
             zero()
             ls = losses()
+            linear_record = model.linear_record()
             boundary, _ = model.pop_forward_record()
             fsmtl.masked_multitask_backward(
                 ls,
@@ -146,6 +148,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
                 head_params=model.head_parameters(),
                 batched=batched,
                 boundary=boundary,
+                linear_record=linear_record,
             )
     elif method == "mask-forward":
         strategy = fsmtl.RandomSparse(KEEP, mask_forward=True)

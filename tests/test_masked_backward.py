@@ -53,6 +53,7 @@ def make_model(kind):
     torch.manual_seed(0)
     build, masked_modules = TRUNKS[kind]
     model = fsmtl.MultiTaskModel(build(), [nn.Linear(8, 1) for _ in range(T)], masked_modules=masked_modules)
+    model.record_linear_calls = True
     return model.double()
 
 
@@ -121,11 +122,12 @@ def check(model, expected):
         torch.testing.assert_close(p.grad, e, atol=1e-12, rtol=1e-10, msg=lambda m, i=i: f"param {i}: {m}")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "linear_record"])
 @pytest.mark.parametrize("batched", [False, True, "auto", "measure"])
 @pytest.mark.parametrize("normalize", fk.NORMALIZE_MODES)
 @pytest.mark.parametrize("kind", list(TRUNKS))
 @pytest.mark.parametrize("heterogeneous", [False, True], ids=["homogeneous", "heterogeneous"])
-def test_function_matches_reference(kind, normalize, batched, heterogeneous):
+def test_function_matches_reference(kind, normalize, batched, heterogeneous, fused):
     model = make_model(kind)
     mask = make_mask(model)
     xs, ys = make_data(heterogeneous)
@@ -133,6 +135,7 @@ def test_function_matches_reference(kind, normalize, batched, heterogeneous):
     model.zero_grad(set_to_none=True)
     model.pop_forward_record()
     losses = task_losses(model, xs, ys)
+    linear_record = model.linear_record() if fused else ()
     boundary, forwards = model.pop_forward_record()
     assert forwards == (T if heterogeneous else 1)
     assert bool(boundary) == (kind not in ("full", "bottom"))  # the first masked module's input
@@ -145,6 +148,7 @@ def test_function_matches_reference(kind, normalize, batched, heterogeneous):
         normalize=normalize,
         batched=batched,
         boundary=boundary,
+        linear_record=linear_record,
     )
     check(model, expected)
 
@@ -368,3 +372,74 @@ def test_mask_of_other_shapes_is_refused_before_any_backward():
     with pytest.raises(ValueError, match="masked_params have shapes"):
         fsmtl.masked_multitask_backward(losses, model.masked_parameters(), other, head_params=model.head_parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+class TiedTrunk(nn.Module):
+    """``b`` shares ``a``'s weight (two uses of one parameter) and ``c`` is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(8, 8)
+        self.inp = nn.Linear(DIM, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.c(torch.tanh(self.c(self.b(torch.tanh(self.a(h))))))
+
+
+SPECIAL_TRUNKS = {
+    "inplace-relu": lambda: nn.Sequential(nn.Linear(DIM, 8), nn.ReLU(inplace=True), nn.Linear(8, 8)),
+    "tied-and-reused": TiedTrunk,
+    "3d-input": lambda: nn.Sequential(nn.Unflatten(1, (2, 3)), nn.Linear(3, 4), nn.Flatten(), nn.Linear(8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECIAL_TRUNKS))
+def test_linear_record_falls_back_where_the_fused_weight_gradient_would_be_wrong(name):
+    """An output changed in place, a tied or twice-called weight, a 3-D input: the fused path
+    must not take these weights (their gradient is not one G^T X), and .grad stays exact."""
+    torch.manual_seed(0)
+    model = fsmtl.MultiTaskModel(SPECIAL_TRUNKS[name](), [nn.Linear(8, 1) for _ in range(T)]).double()
+    model.record_linear_calls = True
+    mask = make_mask(model, seed=6)
+    xs, ys = make_data(heterogeneous=False)
+    expected = reference_grads(model, mask, xs, ys, "tasks", mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    losses = task_losses(model, xs, ys)
+    record = model.linear_record()
+    fused = fsmtl.gradients._fusable_linears(record, losses, model.masked_parameters())
+    names = dict(enumerate(model._masked_names))
+    taken = sorted(names[i] for i in fused)
+    expected_taken = {"inplace-relu": ["2.weight"], "tied-and-reused": ["inp.weight"], "3d-input": ["3.weight"]}
+    assert taken == expected_taken[name]
+    model.pop_forward_record()
+    fsmtl.masked_multitask_backward(
+        losses,
+        model.masked_parameters(),
+        mask,
+        head_params=model.head_parameters(),
+        batched=False,
+        linear_record=record,
+    )
+    check(model, expected)
+
+
+def test_linear_calls_are_recorded_only_for_a_masked_backward_that_takes_them():
+    """Off by default (a record keeps its forward's graph alive until taken); a sparse strategy
+    turns it on when bound and its backward takes the record every step."""
+    torch.manual_seed(0)
+    model = fsmtl.MultiTaskModel(sequential_trunk(), [nn.Linear(8, 1) for _ in range(T)]).double()
+    xs, ys = make_data(heterogeneous=False)
+    model.features(xs[0])
+    assert model.linear_record() == []
+    strategy = RandomSparse(0.5)
+    strategy.bind(TrainingContext(model, [None] * T, None, None))
+    assert model.record_linear_calls
+    losses = task_losses(model, xs, ys)
+    assert [r[0] for r in model.linear_record()] == [0, 2, 4, 6]  # the 4 Linear weights, in call order
+    strategy.set_mask(make_mask(model))
+    strategy.backward(losses)
+    assert model.linear_record() == []  # taken by the backward

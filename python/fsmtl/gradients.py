@@ -141,7 +141,7 @@ class _Sums:
     """Running sums of one step: masked parameters through :func:`fsmtl_kernels.masked_accumulate`,
     everything else (dense above the boundary, heads, the boundary's gradient) by ``add_``."""
 
-    def __init__(self, masked, others, mask, backend):
+    def __init__(self, masked, others, mask, backend, offsets=None):
         self.mask = mask
         self.masked = [_accumulator(p) for p in masked]
         self.others = [torch.zeros_like(p) for p in others]
@@ -150,12 +150,14 @@ class _Sums:
         # _check_mask; rows come from autograd): on CUDA the per-call Python cost is the step's.
         device = (masked or others)[0].device
         self.run = fk.backends.kernel("masked_accumulate", backend, device) if mask is not None else None
+        # The masked parameters' word offsets (a subset of the mask's when some are summed elsewhere).
+        self.offsets = offsets if offsets is not None else (mask.word_offsets if mask is not None else [])
 
     def add(self, t: int, grads) -> None:
         n = len(self.masked)
         rows = [g if g is not None else torch.zeros_like(a) for g, a in zip(grads[:n], self.masked)]
         if self.run is not None:
-            self.run(self.masked, rows, self.mask.words, self.mask.word_offsets, t)
+            self.run(self.masked, rows, self.mask.words, self.offsets, t)
         else:
             for a, g in zip(self.masked, rows):
                 a.add_(g)
@@ -179,6 +181,94 @@ def _check_mask(mask: fk.PackedMask | None, masked: list[torch.Tensor], num_task
         raise ValueError(f"mask covers shapes {list(mask.shapes)} but masked_params have shapes {list(shapes)}")
     if masked and mask.device != masked[0].device:
         raise ValueError(f"mask is on {mask.device} but masked_params are on {masked[0].device}")
+
+
+def _fusable_linears(record, losses, masked) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The masked ``nn.Linear`` weights of ``record`` (:meth:`MultiTaskModel.linear_record`)
+    whose task gradient is exactly ``G_t^T X`` from the call's input ``X`` and the gradient ``G_t``
+    of its output: index in ``masked`` -> ``(X, output)``. A weight qualifies when its layer was
+    called once, on 2-D inputs, its output was not modified in place afterwards, and a walk of the
+    autograd graph from the losses finds the weight used only by that call (through its
+    transpose): weight tying, a second use, a cast under autocast or a parametrization keep the
+    weight on the plain path."""
+    calls: dict[int, list] = {}
+    for index, x, y, version in record:
+        calls.setdefault(index, []).append((x, y, version))
+    candidates = {}
+    for index, items in calls.items():
+        x, y, version = items[0]
+        if len(items) != 1 or y._version != version or x.dim() != 2 or y.dim() != 2 or y.grad_fn is None:
+            continue
+        if type(y.grad_fn).__name__ in ("AddmmBackward0", "MmBackward0") and x.dtype == y.dtype:
+            candidates[index] = (x, y)
+    if not candidates:
+        return {}
+    users: dict[torch.autograd.graph.Node, list] = {}
+    variables = {}
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            variables[id(variable)] = node
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                users.setdefault(nxt, []).append(node)
+                stack.append(nxt)
+    out = {}
+    for index, (x, y) in candidates.items():
+        leaf = variables.get(id(masked[index]))
+        through = users.get(leaf, []) if leaf is not None else []
+        if len(through) == 1 and type(through[0]).__name__ == "TBackward0" and users.get(through[0]) == [y.grad_fn]:
+            out[index] = (x, y)
+    return out
+
+
+def _fuses(mask, masked, linear_record, backend: str) -> bool:
+    """Whether the fused linear weight gradient may run: masked CPU parameters whose op backend
+    is compiled (the C++ kernel; an explicit backend is taken as asked). On CUDA its Triton kernel
+    has not run on a GPU yet, so CUDA keeps the per-task masked sum (measured on an H100)."""
+    if mask is None or not linear_record or not masked or masked[0].device.type != "cpu":
+        return False
+    if fk.backends.requested_backend(backend) != "auto":
+        return True
+    return fk.backends.unavailable_reason("cpp", masked[0].device) is None
+
+
+def _fused_sequential(losses, masked, others, mask, backend, fused, budget: int) -> _Sums:
+    """T backward passes that stop at the outputs of the ``fused`` linear layers (no weight
+    gradient is formed there): each task's output gradients ``G_t`` are kept for a chunk of tasks
+    (at most ``budget`` entries), and each weight's masked sum ``sum_t S_t * (G_t^T X)`` is
+    formed by :func:`fsmtl_kernels.masked_matmul_accumulate`, which keeps the running sum in
+    cache over the chunk's tasks. Every other masked parameter and ``others`` stream as in
+    :class:`_Stream` (one ``autograd.grad`` per task)."""
+    order = sorted(fused)
+    rest = [i for i in range(len(masked)) if i not in fused]
+    sums = _Sums([masked[i] for i in rest], others, mask, backend, [mask.word_offsets[i] for i in rest])
+    accs = {i: _accumulator(masked[i]) for i in order}
+    outputs = [fused[i][1] for i in order]
+    inputs = [masked[i] for i in rest] + others + outputs
+    per_task = sum(y.numel() for y in outputs)
+    chunk = max(1, min(len(losses), budget // max(1, per_task)))
+    kept: list[list[torch.Tensor]] = [[] for _ in order]
+    first = 0
+    for t, loss in enumerate(losses):
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        sums.add(t, grads[: len(inputs) - len(outputs)])
+        for k, (g, y) in zip(kept, zip(grads[len(inputs) - len(outputs) :], outputs)):
+            k.append(g.t() if g is not None else torch.zeros_like(y).t())
+        if len(kept[0]) == chunk or t == len(losses) - 1:
+            for i, k in zip(order, kept):
+                fk.masked_matmul_accumulate(accs[i], torch.stack(k), fused[i][0], mask, i, first, backend=backend)
+                k.clear()
+            first = t + 1
+    merged = iter(sums.masked)
+    sums.masked = [accs[i] if i in accs else next(merged) for i in range(len(masked))]
+    return sums
 
 
 class _Stream:
@@ -271,6 +361,7 @@ def masked_multitask_backward(
     normalize: str = "tasks",
     batched: bool | str = "auto",
     boundary: Sequence[torch.Tensor] = (),
+    linear_record: Sequence[tuple] = (),
     backend: str = "auto",
 ) -> None:
     """Write ``.grad`` for a masked multi-task update (paper Eq. 4), streaming task by task.
@@ -303,6 +394,12 @@ def masked_multitask_backward(
             gradient: per-task work runs through the masked layers and what lies above them.
             Dense parameters with any other path to a loss are handled per task, so any boundary
             gives the exact gradients.
+        linear_record: the masked ``nn.Linear`` calls of the forward
+            (``MultiTaskModel.linear_record()``). With T backward passes, a weight used only by
+            its one 2-D call gets its masked sum from the call's input and the per-task gradients
+            of its output (:func:`fsmtl_kernels.masked_matmul_accumulate`, the running sum kept
+            in cache over the tasks) instead of T weight gradients each added into the sum;
+            other weights take the plain path (checked on the autograd graph).
         backend: the :func:`fsmtl_kernels.masked_accumulate` backend.
     """
     if head_params is None:
@@ -338,7 +435,12 @@ def masked_multitask_backward(
     else:
         mode = batched
 
+    fused = _fusable_linears(linear_record, losses, masked) if _fuses(mask, masked, linear_record, backend) else {}
+
     def run(use_batched: bool) -> _Sums:
+        if not use_batched and fused:
+            budget = num_tasks * max(numels)  # the memory bound P + T x largest, less the sums' P
+            return _fused_sequential(losses, masked, others, mask, backend, fused, budget)
         if not use_batched:
             stream = _Stream(masked, others, mask, backend)
             try:

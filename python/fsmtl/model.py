@@ -50,6 +50,15 @@ class MultiTaskModel(nn.Module):
         self._boundary_modules = list(masked_modules or ()) if self.dense_shared_parameters() else []
         self._record = _ForwardRecord()
         self._streamed = False  # inside streamed_forwards()
+        #: Record the masked ``nn.Linear`` calls of unmasked forwards (:meth:`linear_record`) for a
+        #: masked backward that takes them every step (a sparse strategy sets it when bound);
+        #: off by default, since the record keeps the last forward's graph alive until it is taken.
+        self.record_linear_calls = False
+        # Masked nn.Linear modules: (module name, index of its weight in masked_parameters()).
+        index = {n: i for i, n in enumerate(self._masked_names)}
+        self._masked_linears = [
+            (n, index[f"{n}.weight"]) for n, m in names.items() if isinstance(m, nn.Linear) and f"{n}.weight" in index
+        ]
 
     @property
     def num_tasks(self) -> int:
@@ -80,11 +89,17 @@ class MultiTaskModel(nn.Module):
         if torch.is_grad_enabled():  # forwards under no_grad leave nothing for a backward
             record.trunk_forwards += 1
             record.boundary = ()  # the previous step's, if nobody took it: its graph is freed here
+            record.linears = []
         if self._boundary_modules and torch.is_grad_enabled():
             modules = dict(self.trunk.named_modules())
             handles = [modules[n].register_forward_pre_hook(record.see_inputs) for n in self._boundary_modules]
         try:
             if mask is None:
+                if self.record_linear_calls and self._masked_linears and torch.is_grad_enabled():
+                    modules = dict(self.trunk.named_modules())
+                    handles += [
+                        modules[n].register_forward_hook(record.linear_hook(i)) for n, i in self._masked_linears
+                    ]
                 return self.trunk(x)
             # p * m with the bool mask (no float mask is kept: the product saves the bool tensor,
             # and the cast inside the op is transient): the gradient is the incoming one inside
@@ -119,6 +134,14 @@ class MultiTaskModel(nn.Module):
         finally:
             self._streamed = previous
 
+    def linear_record(self) -> list[tuple[int, torch.Tensor, torch.Tensor, int]]:
+        """The masked ``nn.Linear`` calls of the last unmasked trunk forward with grad enabled, for
+        the masked backward's fused weight gradient (:func:`fsmtl.masked_multitask_backward`'s
+        ``linear_record``): ``(index of the weight in masked_parameters(), input, output, output's
+        version counter at the call)``, one entry per call; empty unless
+        :attr:`record_linear_calls` is set. Cleared by :meth:`pop_forward_record`."""
+        return list(self._record.linears)
+
     def pop_forward_record(self) -> tuple[tuple[torch.Tensor, ...], int]:
         """What the trunk forwards since the last call leave for the backward, then forget it:
         ``(boundary, trunk_forwards)``. ``boundary`` holds the inputs of the first masked module
@@ -128,7 +151,7 @@ class MultiTaskModel(nn.Module):
         the forwards with grad enabled (1: every task's loss shares one trunk graph)."""
         record = self._record
         out = (record.boundary, record.trunk_forwards)
-        record.boundary, record.trunk_forwards = (), 0
+        record.boundary, record.trunk_forwards, record.linears = (), 0, []
         return out
 
     def forward(self, x: torch.Tensor, task: int, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -180,10 +203,18 @@ class _ForwardRecord:
     def __init__(self) -> None:
         self.boundary: tuple[torch.Tensor, ...] = ()
         self.trunk_forwards = 0
+        self.linears: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
 
     def see_inputs(self, module: nn.Module, args: tuple) -> None:
         if not self.boundary:
             self.boundary = tuple(a for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None)
+
+    def linear_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                self.linears.append((index, args[0].detach(), out, out._version))
+
+        return hook
 
     def __deepcopy__(self, memo) -> _ForwardRecord:
         return _ForwardRecord()

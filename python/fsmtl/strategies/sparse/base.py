@@ -70,6 +70,10 @@ class SparseStrategy(Strategy):
         self._unselected: list[torch.Tensor] | None = None
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
+    def bind(self, context) -> None:
+        super().bind(context)
+        context.model.record_linear_calls = True  # backward() takes the record every step
+
     @abstractmethod
     def compute_mask(self) -> fk.PackedMask:
         """New masks for all tasks, from the current model."""
@@ -174,6 +178,7 @@ class SparseStrategy(Strategy):
 
     def backward(self, losses: Sequence[torch.Tensor]) -> None:
         model = self.context.model
+        linear_record = model.linear_record()
         boundary, trunk_forwards = model.pop_forward_record()
         if self.mask is None:  # warm-up: dense MTL, one backward pass instead of T
             dense_multitask_backward(losses, model.shared_parameters())
@@ -191,6 +196,7 @@ class SparseStrategy(Strategy):
             normalize=self.normalize,
             batched=batched,
             boundary=boundary,
+            linear_record=linear_record,
         )
 
     def before_optimizer_step(self) -> None:
