@@ -443,3 +443,33 @@ def test_linear_calls_are_recorded_only_for_a_masked_backward_that_takes_them():
     strategy.set_mask(make_mask(model))
     strategy.backward(losses)
     assert model.linear_record() == []  # taken by the backward
+
+
+@pytest.mark.parametrize("tasks_per_chunk", [1, 2, T])
+def test_linear_record_takes_the_fused_path_in_chunks(monkeypatch, tasks_per_chunk):
+    """With the record, every Linear weight's masked sum comes from masked_matmul_accumulate (in
+    chunks of tasks when the memory bound asks for it), and .grad is the reference's."""
+    calls = []
+    original = fk.masked_matmul_accumulate
+
+    def spy(acc, a, b, mask, index, first_task=0, **kwargs):
+        calls.append((index, first_task, a.shape[0]))
+        return original(acc, a, b, mask, index, first_task, **kwargs)
+
+    monkeypatch.setattr(fk, "masked_matmul_accumulate", spy)
+    model = make_model("full")
+    mask = make_mask(model, seed=8)
+    xs, ys = make_data(heterogeneous=False)
+    expected = reference_grads(model, mask, xs, ys, "tasks", mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    losses = task_losses(model, xs, ys)
+    record = model.linear_record()
+    model.pop_forward_record()
+    monkeypatch.setattr(fsmtl.gradients, "_fused_chunk", lambda *args: tasks_per_chunk)
+    heads = model.head_parameters()
+    fsmtl.masked_multitask_backward(
+        losses, model.masked_parameters(), mask, head_params=heads, batched=False, linear_record=record
+    )
+    check(model, expected)
+    firsts = list(range(0, T, tasks_per_chunk))
+    assert sorted(calls) == sorted((i, f, min(tasks_per_chunk, T - f)) for i in (0, 2, 4, 6) for f in firsts)

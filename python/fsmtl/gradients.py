@@ -239,36 +239,11 @@ def _fuses(mask, masked, linear_record, backend: str) -> bool:
     return fk.backends.unavailable_reason("cpp", masked[0].device) is None
 
 
-def _fused_sequential(losses, masked, others, mask, backend, fused, budget: int) -> _Sums:
-    """T backward passes that stop at the outputs of the ``fused`` linear layers (no weight
-    gradient is formed there): each task's output gradients ``G_t`` are kept for a chunk of tasks
-    (at most ``budget`` entries), and each weight's masked sum ``sum_t S_t * (G_t^T X)`` is
-    formed by :func:`fsmtl_kernels.masked_matmul_accumulate`, which keeps the running sum in
-    cache over the chunk's tasks. Every other masked parameter and ``others`` stream as in
-    :class:`_Stream` (one ``autograd.grad`` per task)."""
-    order = sorted(fused)
-    rest = [i for i in range(len(masked)) if i not in fused]
-    sums = _Sums([masked[i] for i in rest], others, mask, backend, [mask.word_offsets[i] for i in rest])
-    accs = {i: _accumulator(masked[i]) for i in order}
-    outputs = [fused[i][1] for i in order]
-    inputs = [masked[i] for i in rest] + others + outputs
-    per_task = sum(y.numel() for y in outputs)
-    chunk = max(1, min(len(losses), budget // max(1, per_task)))
-    kept: list[list[torch.Tensor]] = [[] for _ in order]
-    first = 0
-    for t, loss in enumerate(losses):
-        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
-        sums.add(t, grads[: len(inputs) - len(outputs)])
-        for k, (g, y) in zip(kept, zip(grads[len(inputs) - len(outputs) :], outputs)):
-            k.append(g.t() if g is not None else torch.zeros_like(y).t())
-        if len(kept[0]) == chunk or t == len(losses) - 1:
-            for i, k in zip(order, kept):
-                fk.masked_matmul_accumulate(accs[i], torch.stack(k), fused[i][0], mask, i, first, backend=backend)
-                k.clear()
-            first = t + 1
-    merged = iter(sums.masked)
-    sums.masked = [accs[i] if i in accs else next(merged) for i in range(len(masked))]
-    return sums
+def _fused_chunk(fused, num_tasks: int, largest: int) -> int:
+    """Tasks whose output gradients the fused weights keep at once: within the memory bound
+    ``P + T x largest`` (the sums being the P), at least 1."""
+    per_task = sum(y.numel() for _, y in fused.values())
+    return max(1, min(num_tasks, num_tasks * largest // max(1, per_task)))
 
 
 class _Stream:
@@ -281,13 +256,21 @@ class _Stream:
     their own ``.grad`` over the T passes, moved into the sums by :meth:`close`. On CUDA a launch
     per parameter and task costs more than the cache saves: there each task's gradients come from
     one ``autograd.grad`` and are added by one launch over all parameters.
+
+    ``fused`` (CPU; :func:`_fusable_linears`) maps Linear weights to their call's ``(X, output)``:
+    the passes stop at those outputs (no weight gradient is formed), each task's output gradient
+    ``G_t`` is kept for ``chunk`` tasks, and then :func:`fsmtl_kernels.masked_matmul_accumulate`
+    adds ``sum_t S_t * (G_t^T X)`` into the weight's sum with the sum kept in cache.
     """
 
-    def __init__(self, masked, others, mask, backend):
-        self.masked, self.others = masked, others
+    def __init__(self, masked, others, mask, backend, fused=None, chunk: int = 1):
+        self.masked, self.others, self.mask, self.backend = masked, others, mask, backend
         device = masked[0].device if masked else others[0].device
         self.hooked = device.type == "cpu"
         self.sums = _Sums(masked, [] if self.hooked else others, mask, backend)
+        self.fused, self.chunk = (fused or {}) if self.hooked else {}, chunk
+        self.kept = {i: [] for i in self.fused}  # per fused weight, G_t^T of the chunk's tasks
+        self.first = 0  # the first task of the chunk
         self.task = 0
         self.handles = []
         self.closed = False
@@ -307,7 +290,14 @@ class _Stream:
 
             return hook
 
-        for o in others:
+        def keep_for(i: int):
+            def keep(g: torch.Tensor) -> None:
+                self.kept[i].append(g.t())
+
+            return keep
+
+        self.outputs = [y for _, y in self.fused.values()]
+        for o in others + self.outputs:
             if not o.is_leaf:
                 o.retain_grad()  # a boundary activation: its .grad collects the T passes' sum
         self.saved = [o.grad for o in others]
@@ -315,7 +305,10 @@ class _Stream:
             p.grad = None  # the accumulator may be the old .grad (zeroed), kept in sums.masked
         for o in others:
             o.grad = None
-        self.handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in enumerate(masked)]
+        hooked = [(i, p) for i, p in enumerate(masked) if i not in self.fused]
+        self.inputs = [p for _, p in hooked] + others + self.outputs
+        self.handles = [p.register_post_accumulate_grad_hook(hook_for(i)) for i, p in hooked]
+        self.handles += [y.register_hook(keep_for(i)) for i, (_, y) in self.fused.items()]
 
     def add(self, t: int, loss: torch.Tensor, retain_graph: bool) -> None:
         """One backward pass of task ``t``'s loss into the sums."""
@@ -324,7 +317,24 @@ class _Stream:
             self.sums.add(t, torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True))
             return
         self.task = t
-        torch.autograd.backward(loss, inputs=self.masked + self.others, retain_graph=retain_graph)
+        torch.autograd.backward(loss, inputs=self.inputs, retain_graph=retain_graph)
+        for i, (_, y) in self.fused.items():
+            y.grad = None
+            if len(self.kept[i]) < t + 1 - self.first:  # the loss does not reach this layer
+                self.kept[i].append(torch.zeros_like(y).t())
+        if t + 1 - self.first == self.chunk:
+            self._flush(t + 1)
+
+    def _flush(self, next_first: int) -> None:
+        """The kept tasks' masked weight gradients into the fused weights' sums."""
+        for i, kept in self.kept.items():
+            if kept:
+                x = self.fused[i][0]
+                fk.masked_matmul_accumulate(
+                    self.sums.masked[i], torch.stack(kept), x, self.mask, i, self.first, backend=self.backend
+                )
+                kept.clear()
+        self.first = next_first
 
     def close(self) -> _Sums:
         """Remove the hooks; the sums of every pass so far (``.grad`` of ``others`` restored)."""
@@ -332,6 +342,7 @@ class _Stream:
             h.remove()
         if self.hooked and not self.closed:
             self.closed = True
+            self._flush(self.task + 1)
             others = self.others
             self.sums.others = [o.grad if o.grad is not None else torch.zeros_like(o) for o in others]
             self.sums.others_seen = [o.grad is not None for o in others]
@@ -438,11 +449,8 @@ def masked_multitask_backward(
     fused = _fusable_linears(linear_record, losses, masked) if _fuses(mask, masked, linear_record, backend) else {}
 
     def run(use_batched: bool) -> _Sums:
-        if not use_batched and fused:
-            budget = num_tasks * max(numels)  # the memory bound P + T x largest, less the sums' P
-            return _fused_sequential(losses, masked, others, mask, backend, fused, budget)
         if not use_batched:
-            stream = _Stream(masked, others, mask, backend)
+            stream = _Stream(masked, others, mask, backend, fused, _fused_chunk(fused, num_tasks, max(numels)))
             try:
                 for t, loss in enumerate(losses):
                     stream.add(t, loss, retain_graph=True)
