@@ -473,3 +473,40 @@ def test_linear_record_takes_the_fused_path_in_chunks(monkeypatch, tasks_per_chu
     check(model, expected)
     firsts = list(range(0, T, tasks_per_chunk))
     assert sorted(calls) == sorted((i, f, min(tasks_per_chunk, T - f)) for i in (0, 2, 4, 6) for f in firsts)
+
+
+def test_fused_linear_beside_large_convolutions_keeps_the_per_layer_hooks(monkeypatch):
+    """Convolutions hold most masked entries: their gradients stay on the per-layer hooks (cache)
+    while the Linear weight takes the fused op; .grad is the reference's."""
+    calls = []
+    original = fk.masked_matmul_accumulate
+    monkeypatch.setattr(fk, "masked_matmul_accumulate", lambda *a, **k: (calls.append(a[4]), original(*a, **k))[1])
+    torch.manual_seed(0)
+    trunk = nn.Sequential(
+        nn.Unflatten(1, (1, DIM)), nn.Conv1d(1, 64, 3, padding=1), nn.Tanh(), nn.Conv1d(64, 64, 3, padding=1),
+        nn.ReLU(), nn.Flatten(), nn.Linear(64 * DIM, 8),
+    )  # fmt: skip
+    model = fsmtl.MultiTaskModel(trunk, [nn.Linear(8, 1) for _ in range(T)]).double()
+    model.record_linear_calls = True
+    mask = make_mask(model, seed=9)
+    xs, ys = make_data(heterogeneous=False)
+    expected = reference_grads(model, mask, xs, ys, "selected", mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    losses = task_losses(model, xs, ys)
+    record = model.linear_record()
+    model.pop_forward_record()
+    hooked = []
+    stream_init = fsmtl.gradients._Stream.__init__
+
+    def spy_init(self, *args, **kwargs):
+        stream_init(self, *args, **kwargs)
+        hooked.append(self.hooked)
+
+    monkeypatch.setattr(fsmtl.gradients._Stream, "__init__", spy_init)
+    heads = model.head_parameters()
+    fsmtl.masked_multitask_backward(
+        losses, model.masked_parameters(), mask, head_params=heads, normalize="selected", batched=False,
+        linear_record=record,
+    )  # fmt: skip
+    check(model, expected)
+    assert hooked == [True] and calls == [4]  # the Linear weight is masked parameter 4
