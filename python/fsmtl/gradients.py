@@ -48,6 +48,23 @@ def per_task_gradients(
     return out
 
 
+def _walk_graph(losses, stops: dict | None = None):
+    """The autograd nodes reachable from the losses, each once, with the edges followed from it:
+    ``(node, [(next node, its output index), ...])``; an edge into ``stops`` (node -> output
+    indices) is not followed."""
+    stops = stops or {}
+    seen: set[torch.autograd.graph.Node] = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        edges = [(n, nr) for n, nr in node.next_functions if n is not None and nr not in stops.get(n, ())]
+        stack.extend(n for n, _ in edges)
+        yield node, edges
+
+
 def _dense_split(
     losses: list[torch.Tensor], dense: list[torch.Tensor], boundary: Sequence[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -66,20 +83,9 @@ def _dense_split(
     stops: dict[torch.autograd.graph.Node, set[int]] = {}
     for b in cut:
         stops.setdefault(b.grad_fn, set()).add(b.output_nr)
-    reached: set[int] = set()
-    seen: set[torch.autograd.graph.Node] = set()
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            reached.add(id(variable))
-        for nxt, nr in node.next_functions:
-            if nxt is not None and not (nxt in stops and nr in stops[nxt]):
-                stack.append(nxt)
+    reached = {
+        id(node.variable) for node, _ in _walk_graph(losses, stops) if getattr(node, "variable", None) is not None
+    }
     below = [p for p in dense if id(p) not in reached]
     if not below:
         return [], dense, []
@@ -207,20 +213,12 @@ def _fusable_linears(record, losses, masked) -> dict[int, tuple[torch.Tensor, to
         return {}
     users: dict[torch.autograd.graph.Node, list] = {}
     variables = {}
-    seen: set[torch.autograd.graph.Node] = set()
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+    for node, edges in _walk_graph(losses):
         variable = getattr(node, "variable", None)
         if variable is not None:
             variables[id(variable)] = node
-        for nxt, _ in node.next_functions:
-            if nxt is not None:
-                users.setdefault(nxt, []).append(node)
-                stack.append(nxt)
+        for nxt, _ in edges:
+            users.setdefault(nxt, []).append(node)
     out = {}
     for index, (x, y) in candidates.items():
         leaf = variables.get(id(masked[index]))
