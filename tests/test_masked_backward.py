@@ -374,6 +374,19 @@ def test_mask_of_other_shapes_is_refused_before_any_backward():
     assert all(p.grad is None for p in model.parameters())
 
 
+def recorded_step(trunk, seed, normalize):
+    """A float64 model over ``trunk`` recording its Linear calls, a mask, the reference .grad, and
+    one step's losses with the record of their forward."""
+    model = fsmtl.MultiTaskModel(trunk, [nn.Linear(8, 1) for _ in range(T)]).double()
+    model.record_linear_calls = True
+    mask = make_mask(model, seed=seed)
+    xs, ys = make_data(heterogeneous=False)
+    expected = reference_grads(model, mask, xs, ys, normalize, mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    losses = task_losses(model, xs, ys)
+    return model, mask, expected, losses, model.linear_record()
+
+
 class TiedTrunk(nn.Module):
     """``b`` shares ``a``'s weight (two uses of one parameter) and ``c`` is called twice."""
 
@@ -402,14 +415,7 @@ def test_linear_record_falls_back_where_the_fused_weight_gradient_would_be_wrong
     """An output changed in place, a tied or twice-called weight, a 3-D input: the fused path
     must not take these weights (their gradient is not one G^T X), and .grad stays exact."""
     torch.manual_seed(0)
-    model = fsmtl.MultiTaskModel(SPECIAL_TRUNKS[name](), [nn.Linear(8, 1) for _ in range(T)]).double()
-    model.record_linear_calls = True
-    mask = make_mask(model, seed=6)
-    xs, ys = make_data(heterogeneous=False)
-    expected = reference_grads(model, mask, xs, ys, "tasks", mask_forward=False)
-    model.zero_grad(set_to_none=True)
-    losses = task_losses(model, xs, ys)
-    record = model.linear_record()
+    model, mask, expected, losses, record = recorded_step(SPECIAL_TRUNKS[name](), seed=6, normalize="tasks")
     fused = fsmtl.gradients._fusable_linears(record, losses, model.masked_parameters())
     names = dict(enumerate(model._masked_names))
     taken = sorted(names[i] for i in fused)
@@ -486,14 +492,7 @@ def test_fused_linear_beside_large_convolutions_keeps_the_per_layer_hooks(monkey
         nn.Unflatten(1, (1, DIM)), nn.Conv1d(1, 64, 3, padding=1), nn.Tanh(), nn.Conv1d(64, 64, 3, padding=1),
         nn.ReLU(), nn.Flatten(), nn.Linear(64 * DIM, 8),
     )  # fmt: skip
-    model = fsmtl.MultiTaskModel(trunk, [nn.Linear(8, 1) for _ in range(T)]).double()
-    model.record_linear_calls = True
-    mask = make_mask(model, seed=9)
-    xs, ys = make_data(heterogeneous=False)
-    expected = reference_grads(model, mask, xs, ys, "selected", mask_forward=False)
-    model.zero_grad(set_to_none=True)
-    losses = task_losses(model, xs, ys)
-    record = model.linear_record()
+    model, mask, expected, losses, record = recorded_step(trunk, seed=9, normalize="selected")
     model.pop_forward_record()
     hooked = []
     stream_init = fsmtl.gradients._Stream.__init__
