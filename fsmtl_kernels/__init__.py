@@ -8,6 +8,8 @@
 * :func:`fisher_topk` / :func:`fisher_topk_batched` — Fisher from gradients, then top-K.
 * :func:`linear_fisher` — a Linear layer's Fisher from one batched backward, ``(g*g)^T (a*a)``.
 * :func:`distributed_topk_mask` — exact top-K over scores sharded across ``torch.distributed`` ranks.
+* :mod:`autograd_graph` — walks of the autograd graph (which leaves a loss reaches, and how often).
+* :func:`unchecked_kernel` — an op's kernel without the public checks, for callers that checked once.
 
 Every op takes ``backend="auto" | "reference" | "triton" | "cpp"`` (see :mod:`fsmtl_kernels.backends`).
 Each op lives in the module of its name (``fsmtl_kernels/<op>.py``: public function, argument
@@ -15,8 +17,9 @@ checks, dispatch and the one ``torch.ops.fsmtl.<op>`` schema), with its kernels 
 ``reference/<op>.py``, ``triton/<op>.py`` and ``csrc/<op>.cpp``.
 """
 
+from . import autograd_graph
 from ._checks import check_k, resolve_k
-from .backends import BackendUnavailableError, available_backends
+from .backends import BackendUnavailableError, available_backends, unchecked_kernel
 from .distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_batched
 from .fisher_accumulate import fisher_accumulate
 from .fisher_topk import fisher_topk, fisher_topk_batched
@@ -33,6 +36,7 @@ __all__ = [
     "NORMALIZE_MODES",
     "BackendUnavailableError",
     "PackedMask",
+    "autograd_graph",
     "available_backends",
     "check_k",
     "distributed_topk_mask",
@@ -48,4 +52,5 @@ __all__ = [
     "resolve_k",
     "topk_mask",
     "topk_mask_batched",
+    "unchecked_kernel",
 ]

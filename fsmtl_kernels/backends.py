@@ -91,3 +91,21 @@ def kernel(op: str, backend: str, device: torch.device) -> Callable:
         # belongs to the C++ kernel (or to nothing when it is not built): call the launcher.
         return impl.LAUNCHERS[op]
     return getattr(torch.ops.fsmtl, op)
+
+
+#: The ops whose every backend takes the arguments of the schema (``masked_grad_average``'s
+#: reference takes unpacked masks instead, so it has no unchecked kernel).
+UNCHECKED_OPS = ("fisher_accumulate", "linear_fisher", "masked_accumulate", "masked_matmul_accumulate", "topk_mask")
+
+
+def unchecked_kernel(op: str, device: torch.device | str, backend: str = "auto") -> Callable:
+    """The kernel that runs ``op`` on ``device`` tensors, without the argument checks of the public
+    function ``fsmtl_kernels.<op>``: it takes the arguments of the op's schema
+    (``torch.ops.fsmtl.<op>``; a :class:`~fsmtl_kernels.PackedMask` is passed as its ``words`` and
+    ``word_offsets``). For a caller that checked its arguments once and then calls the op many
+    times with arguments of the same shapes (the masked backward adds every task's gradient of
+    every parameter), where the per-call checks would cost as much as the kernel. Wrong arguments
+    are undefined behaviour here: check them as the public function does first."""
+    if op not in UNCHECKED_OPS:
+        raise ValueError(f"op={op!r} is not one of {UNCHECKED_OPS}")
+    return kernel(op, backend, torch.device(device))

@@ -76,6 +76,7 @@ class PackedMask:
             raise ValueError(f"words has {words.shape[1]} words per task but shapes need {total}")
         self._word_offsets = tuple(offsets)
         self._bool_stacked: list[torch.Tensor] | None = None
+        self._task_counts: list[torch.Tensor] | None = None
 
     def __getstate__(self) -> dict:
         # Only what defines the mask is saved; offsets and unpacked masks are rebuilt on load.
@@ -138,6 +139,21 @@ class PackedMask:
                 for offset, n, shape in zip(self._word_offsets, self.numels, self.shapes)
             ]
         return list(self._bool_stacked)
+
+    def task_counts(self) -> list[torch.Tensor]:
+        """Per entry, the number of tasks whose mask holds it: int32 tensors shaped like the
+        parameters (the divisor of the ``"selected"`` normalization). Counted task by task (no
+        ``[T, P]`` tensor) on the first call and cached; do not modify the tensors."""
+        if self._task_counts is None:
+            counts = []
+            for offset, n, shape in zip(self._word_offsets, self.numels, self.shapes):
+                words = self.words[:, offset : offset + -(-n // BITS)]
+                count = torch.zeros(n, dtype=torch.int32, device=self.device)
+                for t in range(self.num_tasks):
+                    count += unpack_bits(words[t : t + 1], n)[0]
+                counts.append(count.reshape(shape))
+            self._task_counts = counts
+        return list(self._task_counts)
 
     def _check_task(self, task: int) -> None:
         if isinstance(task, bool) or not isinstance(task, int):

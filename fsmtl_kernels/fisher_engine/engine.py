@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import backends
+from .. import autograd_graph, backends
 from .._checks import GRAD_DTYPES, check_scale
 from ..fisher_accumulate import fisher_accumulate
 from .rules import Call, Rule, find_rule
@@ -77,48 +77,21 @@ class _Site:
         self.x = self.out = self.tensor_hook = None
 
 
-def _is_accumulate_grad(node) -> bool:
-    return type(node).__name__ == "AccumulateGrad"
-
-
 def _local_params(out: torch.Tensor, x: torch.Tensor) -> tuple[set[int], bool]:
-    """id() of the leaf tensors reached from ``out`` without passing through ``x``'s grad_fn."""
+    """id() of the leaf tensors reached from ``out`` without passing through ``x``'s grad_fn, and
+    whether the walk stayed within :data:`_MAX_LOCAL_NODES` nodes (a longer walk left the call)."""
     stop = x.grad_fn
     found: set[int] = set()
-    seen = {out.grad_fn}
-    stack = [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None or nxt is stop or nxt in seen:
-                continue
-            if _is_accumulate_grad(nxt):
-                found.add(id(nxt.variable))
-                continue
-            if len(seen) >= _MAX_LOCAL_NODES:
-                return found, False
-            seen.add(nxt)
-            stack.append(nxt)
+    inner = 0
+    for node, _ in autograd_graph.walk([out.grad_fn], lambda n, nr: n is stop):
+        leaf = autograd_graph.leaf_tensor(node)
+        if leaf is not None:
+            found.add(id(leaf))
+            continue
+        inner += 1
+        if inner > _MAX_LOCAL_NODES:
+            return found, False
     return found, True
-
-
-def _param_uses(root) -> dict[int, int]:
-    """For each leaf in the autograd graph below ``root``: how many edges lead to it."""
-    counts: dict[int, int] = {}
-    seen = {root}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            if _is_accumulate_grad(nxt):
-                key = id(nxt.variable)
-                counts[key] = counts.get(key, 0) + 1
-            elif nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return counts
 
 
 def _first_tensor_arg(args, kwargs) -> torch.Tensor | None:
@@ -377,7 +350,7 @@ def _make_forward_hook(site: _Site, params, acc, scale, chunk, backend):
 
 def _estimate(losses, params, sites, acc, scale, chunk, backend) -> None:
     n = losses.shape[0]
-    uses = _param_uses(losses.grad_fn) if losses.grad_fn is not None else {}
+    uses = autograd_graph.leaf_uses(losses.grad_fn) if losses.grad_fn is not None else {}
     ruled: list[_Site] = []
     for site in sites:
         if site.calls == 0 and all(uses.get(id(params[i]), 0) == 0 for i in site.params.values()):

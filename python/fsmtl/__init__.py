@@ -3,30 +3,49 @@
 Two ways to use it:
 
 * the :class:`Trainer` with a strategy (:class:`FisherSparse`, :class:`RandomSparse`,
-  :class:`EqualWeighting`), or the ``fsmtl run`` command for the paper's comparison;
+  :class:`EqualWeighting`, or any method by name through :func:`get_method`), or the ``fsmtl
+  run`` command for the paper's comparison;
 * the pieces in your own loop: :func:`compute_masks` (Fisher top-K masks from per-task
   batches) and :func:`masked_multitask_backward` (writes ``.grad``).
+
+Layers, each importing only the ones below it: ``tasks`` (what a task is: kind, loss, metrics,
+checks); the core (``gradients``, ``model``, ``estimators``, ``masks``, ``collectives``);
+``strategies`` (the methods); ``data`` and ``models`` (benchmarks and trunks); ``engine`` (the
+Trainer); ``run`` (the ``fsmtl`` command).
 """
 
+from .engine import Trainer
 from .estimators import ESTIMATORS, task_scores
-from .gradients import MaskedBackwardStream, masked_multitask_backward, per_task_gradients
+from .gradients import ForwardRecord, MaskedBackwardStream, masked_multitask_backward, per_task_gradients
 from .masks import compute_masks
 from .model import MultiTaskModel, count_nonzero_shared
-from .strategies import EqualWeighting, FisherSparse, MaskSchedule, RandomSparse, Strategy
-from .trainer import Trainer
+from .strategies import (
+    Composed,
+    EqualWeighting,
+    FisherSparse,
+    MaskSchedule,
+    RandomSparse,
+    Strategy,
+    get_method,
+)
+from .tasks import Task
 
 __all__ = [
     "ESTIMATORS",
+    "Composed",
     "EqualWeighting",
     "FisherSparse",
+    "ForwardRecord",
     "MaskSchedule",
+    "MaskedBackwardStream",
     "MultiTaskModel",
     "RandomSparse",
     "Strategy",
+    "Task",
     "Trainer",
     "compute_masks",
     "count_nonzero_shared",
-    "MaskedBackwardStream",
+    "get_method",
     "masked_multitask_backward",
     "per_task_gradients",
     "task_scores",

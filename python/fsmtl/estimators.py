@@ -23,10 +23,9 @@ import torch
 import fsmtl_kernels as fk
 from fsmtl_kernels.fisher_engine import sum_grad_squared
 
-from .data import Task
-from .losses import class_log_probs, task_loss
 from .model import MultiTaskModel
-from .tasks import task_kind
+from .tasks import Task, task_kind
+from .tasks.losses import class_log_probs, task_loss
 
 Closure = Callable[[], torch.Tensor]
 

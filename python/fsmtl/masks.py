@@ -8,11 +8,11 @@ import torch
 
 import fsmtl_kernels as fk
 
-from .checks import check_batch
-from .data import Task
-from .distributed import reduce_scores
+from .collectives import reduce_scores
 from .estimators import task_scores
 from .model import MultiTaskModel
+from .tasks import Task
+from .tasks.checks import check_batch
 
 
 def compute_masks(

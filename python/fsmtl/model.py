@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .gradients import ForwardRecord
+
 
 class MultiTaskModel(nn.Module):
     """``f_t(x) = head_t(trunk(x))``, optionally with task ``t``'s mask on the trunk (Eq. 3).
@@ -48,12 +50,7 @@ class MultiTaskModel(nn.Module):
         # The masked submodules whose first call's inputs are recorded as the boundary below
         # the masks (only when trunk parameters stay outside them).
         self._boundary_modules = list(masked_modules or ()) if self.dense_shared_parameters() else []
-        self._record = _ForwardRecord()
         self._streamed = False  # inside streamed_forwards()
-        #: Record the masked ``nn.Linear`` calls of unmasked forwards (:meth:`linear_record`) for a
-        #: masked backward that takes them every step (a sparse strategy sets it when bound);
-        #: off by default, since the record keeps the last forward's graph alive until it is taken.
-        self.record_linear_calls = False
         # Masked nn.Linear modules: (module name, index of its weight in masked_parameters()).
         index = {n: i for i, n in enumerate(self._masked_names)}
         self._masked_linears = [
@@ -68,6 +65,10 @@ class MultiTaskModel(nn.Module):
         """All trainable trunk parameters."""
         return [p for p in self.trunk.parameters() if p.requires_grad]
 
+    def masked_parameter_names(self) -> list[str]:
+        """The names (in ``trunk.named_parameters()``) of :meth:`masked_parameters`, in their order."""
+        return list(self._masked_names)
+
     def masked_parameters(self) -> list[nn.Parameter]:
         """The trunk parameters the task masks cover, in a fixed order."""
         params = dict(self.trunk.named_parameters())
@@ -81,25 +82,23 @@ class MultiTaskModel(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad]
 
-    def features(self, x: torch.Tensor, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def features(
+        self, x: torch.Tensor, mask: Sequence[torch.Tensor] | None = None, *, record: ForwardRecord | None = None
+    ) -> torch.Tensor:
         """Trunk features; with ``mask`` (bool tensors shaped like :meth:`masked_parameters`) the
-        trunk runs on ``mask * theta_sh``: entries outside the mask act as 0 and get a zero gradient."""
-        record = self._record
+        trunk runs on ``mask * theta_sh``: entries outside the mask act as 0 and get a zero gradient.
+        With ``record`` (a :class:`fsmtl.ForwardRecord`) a forward with grad enabled leaves in it
+        what the step's masked backward can use (see :func:`fsmtl.masked_multitask_backward`)."""
         handles = []
-        if torch.is_grad_enabled():  # forwards under no_grad leave nothing for a backward
-            record.trunk_forwards += 1
-            record.boundary = ()  # the previous step's, if nobody took it: its graph is freed here
-            record.linears = []
-        if self._boundary_modules and torch.is_grad_enabled():
-            modules = dict(self.trunk.named_modules())
-            handles = [modules[n].register_forward_pre_hook(record.see_inputs) for n in self._boundary_modules]
+        if record is not None and torch.is_grad_enabled():  # forwards under no_grad leave nothing
+            record.start_forward()
+            linears = self._masked_linears if mask is None and record.linear_calls else []
+            if self._boundary_modules or linears:
+                modules = dict(self.trunk.named_modules())
+                handles = [modules[n].register_forward_pre_hook(record.see_inputs) for n in self._boundary_modules]
+                handles += [modules[n].register_forward_hook(record.linear_hook(i)) for n, i in linears]
         try:
             if mask is None:
-                if self.record_linear_calls and self._masked_linears and torch.is_grad_enabled():
-                    modules = dict(self.trunk.named_modules())
-                    handles += [
-                        modules[n].register_forward_hook(record.linear_hook(i)) for n, i in self._masked_linears
-                    ]
                 return self.trunk(x)
             # p * m with the bool mask (no float mask is kept: the product saves the bool tensor,
             # and the cast inside the op is transient): the gradient is the incoming one inside
@@ -134,30 +133,18 @@ class MultiTaskModel(nn.Module):
         finally:
             self._streamed = previous
 
-    def linear_record(self) -> list[tuple[int, torch.Tensor, torch.Tensor, int]]:
-        """The masked ``nn.Linear`` calls of the last unmasked trunk forward with grad enabled, for
-        the masked backward's fused weight gradient (:func:`fsmtl.masked_multitask_backward`'s
-        ``linear_record``): ``(index of the weight in masked_parameters(), input, output, output's
-        version counter at the call)``, one entry per call; empty unless
-        :attr:`record_linear_calls` is set. Cleared by :meth:`pop_forward_record`."""
-        return list(self._record.linears)
-
-    def pop_forward_record(self) -> tuple[tuple[torch.Tensor, ...], int]:
-        """What the trunk forwards since the last call leave for the backward, then forget it:
-        ``(boundary, trunk_forwards)``. ``boundary`` holds the inputs of the first masked module
-        the last forward called (when ``masked_modules`` leaves trunk parameters outside the
-        masks; empty otherwise), which lets the masked backward run the layers below the masks
-        once (:func:`fsmtl.masked_multitask_backward`'s ``boundary``); ``trunk_forwards`` counts
-        the forwards with grad enabled (1: every task's loss shares one trunk graph)."""
-        record = self._record
-        out = (record.boundary, record.trunk_forwards)
-        record.boundary, record.trunk_forwards, record.linears = (), 0, []
-        return out
-
-    def forward(self, x: torch.Tensor, task: int, mask: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        task: int,
+        mask: Sequence[torch.Tensor] | None = None,
+        *,
+        record: ForwardRecord | None = None,
+    ) -> torch.Tensor:
+        """Task ``task``'s output ``head_t(trunk(x))``; ``mask`` and ``record`` as in :meth:`features`."""
         previous, self.current_task = self.current_task, task
         try:
-            return self.heads[task](self.features(x, mask))
+            return self.heads[task](self.features(x, mask, record=record))
         finally:
             self.current_task = previous
 
@@ -194,36 +181,6 @@ class _SavedMasked:
             _, p, m, size, stride, offset = saved
             return (p.detach() * m).as_strided(size, stride, offset)
         return saved
-
-
-class _ForwardRecord:
-    """The trunk forwards' record (see :meth:`MultiTaskModel.pop_forward_record`); a deep copy or
-    pickle of the model starts with an empty one (the boundary is part of a live graph)."""
-
-    def __init__(self) -> None:
-        self.boundary: tuple[torch.Tensor, ...] = ()
-        self.trunk_forwards = 0
-        self.linears: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
-
-    def see_inputs(self, module: nn.Module, args: tuple) -> None:
-        if not self.boundary:
-            self.boundary = tuple(a for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None)
-
-    def linear_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
-                self.linears.append((index, args[0].detach(), out, out._version))
-
-        return hook
-
-    def __deepcopy__(self, memo) -> _ForwardRecord:
-        return _ForwardRecord()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
 
 
 def count_nonzero_shared(model: nn.Sequential) -> int:

@@ -6,15 +6,16 @@ Every benchmark is an entry of :data:`BENCHMARKS`, built by :func:`load_benchmar
 attribute file plus images; ``cityscapes``: :func:`cityscapes`, MTAN/LibMTL ``.npy`` arrays).
 """
 
-from ._types import TASK_KINDS, Benchmark, Split, Task
+from .benchmark import Benchmark
 from .celeba import CelebADataset, celeba, celeba_datasets, read_attributes, read_partition
 from .cityscapes import CityscapesDataset, cityscapes, cityscapes_datasets
+from .datasets import SplitDataset, backing_split, split_datasets
 from .digits import ATTRIBUTES, POSITIVE_RATES, digits_attributes, digits_dkl
 from .idx import dkl_mnist, read_idx
-from .loaders import SplitDataset, split_datasets
 from .registry import BENCHMARKS, BenchmarkEntry, load_benchmark
 from .shapes import TASK_NAMES as SHAPES_TASKS
 from .shapes import render_scenes, shapes
+from .split import Split
 from .synthetic import synthetic
 
 __all__ = [
@@ -22,14 +23,13 @@ __all__ = [
     "BENCHMARKS",
     "POSITIVE_RATES",
     "SHAPES_TASKS",
-    "TASK_KINDS",
     "Benchmark",
     "BenchmarkEntry",
     "CelebADataset",
     "CityscapesDataset",
     "Split",
     "SplitDataset",
-    "Task",
+    "backing_split",
     "celeba",
     "celeba_datasets",
     "cityscapes",

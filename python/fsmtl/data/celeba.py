@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tasks import Task
 from ._split import check_fraction, standardize, three_way_split
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 
 def read_attributes(attr_file: str | os.PathLike[str]) -> tuple[list[str], list[str], np.ndarray]:

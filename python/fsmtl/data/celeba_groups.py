@@ -7,8 +7,10 @@ import os
 
 import torch
 
-from ._types import Benchmark, Split, Task
+from ..tasks import Task
+from .benchmark import Benchmark
 from .celeba import celeba
+from .split import Split
 
 #: Our grouping by facial region. MR's code defines its own 8 groups, which we could not consult
 #: offline; pass ``groups`` to use any other.

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tasks import Task
 from ._split import carve_validation, check_fraction, standardize
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 NUM_CLASSES = 7
 

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
+from ..tasks import Task
 from ._split import check_fraction, standardize, three_way_split
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 # The 8 attributes of ``digits-attributes``. Class attributes depend on the digit only; image
 # attributes on the pixels (like CelebA's "Smiling" vs "Male"). Pairs are chosen to correlate

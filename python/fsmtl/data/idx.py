@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tasks import Task
 from ._split import carve_validation, check_fraction
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 # IDX dtype code -> numpy big-endian dtype.
 _IDX_DTYPES: dict[int, str] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._types import Benchmark
+from .benchmark import Benchmark
 from .celeba import celeba
 from .celeba_groups import celeba_groups
 from .cityscapes import cityscapes

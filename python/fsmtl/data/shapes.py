@@ -36,8 +36,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..tasks import Task
 from ._split import standardize
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 TASK_NAMES = (
     "has_circle",

@@ -29,8 +29,10 @@ import math
 import numpy as np
 import torch
 
+from ..tasks import Task
 from ._split import check_fraction, standardize, three_way_split
-from ._types import Benchmark, Split, Task
+from .benchmark import Benchmark
+from .split import Split
 
 N_SINES = 4
 

@@ -1,8 +1,9 @@
-"""The strategy interface: how per-task losses become the update of a multi-task model.
+"""The strategy contract: how per-task losses become the update of a multi-task model.
 
-The :class:`~fsmtl.trainer.Trainer` holds a model, the task list and one strategy; every
-method-specific decision (masks, their schedule, how task gradients combine) lives in the
-strategy, so the Trainer has no method-specific branches.
+The :class:`~fsmtl.engine.Trainer` holds a model, the task list and one strategy; every
+method-specific decision (masks, their schedule, how task gradients combine, per-task modulation
+of the trunk) lives in the strategy, so the Trainer has no method-specific branches. Every member
+the engine or the ``fsmtl`` command calls is declared here, with its default.
 """
 
 from __future__ import annotations
@@ -13,30 +14,48 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Task
+import fsmtl_kernels as fk
+
+from ..gradients import ForwardRecord, MaskedBackwardStream
 from ..model import MultiTaskModel
+from ..tasks import Task
 
 Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
 class TrainingContext:
-    """What a strategy may use: the model, the tasks, and ``sample(t, n) -> (inputs, targets)``
-    drawing ``n`` training examples of task ``t`` on the model's device."""
+    """What a strategy may use: the model, the tasks, ``sample(t, n) -> (inputs, targets)``
+    drawing ``n`` training examples of task ``t`` on the model's device, the strategy's own
+    random generator, and ``task_parameters``: trainable tensors besides the heads that each
+    belong to one task (an architecture's per-task modules), which a weighting treats like the
+    heads."""
 
     model: MultiTaskModel
     tasks: Sequence[Task]
     sample: Sampler
     generator: torch.Generator
+    task_parameters: Sequence[torch.Tensor] = ()
 
 
 class Strategy(ABC):
-    """Base class of all training strategies."""
+    """Base class of all training strategies.
 
-    #: True when the strategy modulates trunk activations per task (forward hooks that read
-    #: ``model.current_task``, as SE, task routing and maximum roaming do): the Trainer then runs
-    #: one forward per task, ``model(x, t)``, even when all tasks share their inputs.
+    Attributes:
+        modulates_forward: True when the strategy modulates trunk activations per task (forward
+            hooks that read ``model.current_task``, as SE, task routing and maximum roaming do):
+            the Trainer then runs one forward per task, ``model(x, t)``, even when all tasks share
+            their inputs.
+        in_turns: True when each step updates the tasks in turns, one optimizer step per task
+            (the Trainer then calls :meth:`backward_task` once per task instead of
+            :meth:`backward` once).
+        mask: the current task masks over ``model.masked_parameters()`` (sparse strategies), None
+            otherwise or before the first mask update.
+    """
+
     modulates_forward: bool = False
+    in_turns: bool = False
+    mask: fk.PackedMask | None = None
 
     @property
     def context(self) -> TrainingContext:
@@ -57,6 +76,11 @@ class Strategy(ABC):
         """Called by ``Trainer.fit`` (every call) and ``Trainer.load_state_dict`` before any step."""
         self.context = context
 
+    def task_parameters(self) -> list[torch.Tensor]:
+        """The parameters that belong to one task each: the heads, then the context's
+        ``task_parameters`` (each gets its own task's gradient, never the shared combination)."""
+        return self.context.model.head_parameters() + list(self.context.task_parameters)
+
     def on_fit_start(self, epochs: range, steps_per_epoch: int | None) -> None:  # noqa: B027 (optional hook)
         """Called by ``Trainer.fit`` with the epoch indices it will train (e.g. to warn when a
         schedule does nothing within them)."""
@@ -70,24 +94,53 @@ class Strategy(ABC):
         if state:
             raise ValueError(f"{type(self).__name__} has no state, got keys {sorted(state)}")
 
+    def updates_at(self, epoch: int, step: int, epoch_start: bool) -> bool:
+        """True when :meth:`on_step` at this position recomputes the strategy's masks (the progress
+        display shows the phase ``mask update`` while it runs)."""
+        return False
+
     def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
         """Called before every step; returns a record when it changed state (e.g. a mask update)."""
         return None
+
+    @property
+    def phase(self) -> str:
+        """The training phase the progress display shows between mask updates: ``"warm-up"``
+        (dense training before a sparse strategy's first mask) or ``"training"``."""
+        return "training"
 
     def forward_mask(self, task: int) -> list[torch.Tensor] | None:
         """Masks to apply to the trunk in task ``task``'s forward (Eq. 3), or None."""
         return None
 
+    def forward_record(self) -> ForwardRecord | None:
+        """A fresh :class:`~fsmtl.ForwardRecord` for one step's forwards when :meth:`backward`
+        uses what they leave (the boundary below the masks, the masked Linear calls); None: the
+        forwards record nothing."""
+        return None
+
     def streams_backward(self) -> bool:
         """True when a step whose tasks run separate trunk forwards may pass its losses one task
-        at a time to ``open_backward_stream()`` (each task's backward right after its forward)
+        at a time to :meth:`open_backward_stream` (each task's backward right after its forward)
         instead of all at once to :meth:`backward`. False here: a method that combines the T
         gradients together (MGDA, GradNorm, ...) needs every loss first."""
         return False
 
+    def open_backward_stream(self) -> MaskedBackwardStream:
+        """This step's backward for losses that arrive one task at a time (only when
+        :meth:`streams_backward` is True): the caller runs task t's forward, its loss and
+        ``stream.backward(t, loss)`` before task t + 1's forward, then ``stream.finish()`` (or
+        ``stream.close()`` to abandon the step without writing ``.grad``)."""
+        raise RuntimeError(f"{type(self).__name__} takes every task's loss at once (streams_backward() is False)")
+
     @abstractmethod
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
-        """Write ``.grad`` of every trainable parameter from the T task losses of one step."""
+    def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
+        """Write ``.grad`` of every trainable parameter from the T task losses of one step;
+        ``record`` is what the step's forwards left in :meth:`forward_record`'s record."""
+
+    def backward_task(self, task: int, loss: torch.Tensor) -> None:
+        """Write ``.grad`` for task ``task``'s own update (strategies with :attr:`in_turns`)."""
+        raise RuntimeError(f"{type(self).__name__} does not update the tasks in turns (in_turns is False)")
 
     def before_optimizer_step(self) -> None:  # noqa: B027 (optional hook)
         """Hook run right before ``optimizer.step()``."""

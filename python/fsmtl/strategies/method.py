@@ -1,5 +1,6 @@
-"""The record of one method of the comparison (``fsmtl run --methods``): how to build its
-strategy, its table label, and what it needs."""
+"""The records of the method registry: a :class:`Method` (one name of ``fsmtl run --methods``:
+how to build its strategy, its table label, what it needs) and a :class:`Component` (one entry
+of an axis of the composed methods: an architecture or a weighting)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .base import Strategy
-from .sparse.schedule import MaskSchedule
+from .schedule import MaskSchedule
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,31 @@ class Method:
 
     def build(self, options: MethodOptions | None = None) -> Strategy:
         return self.factory(options if options is not None else MethodOptions())
+
+
+@dataclass(frozen=True)
+class Component:
+    """One entry of an axis of the composed methods (``ARCH+WEIGHTING``).
+
+    Attributes:
+        name: the name in a composed method (``tr`` in ``tr+gradnorm``).
+        label: the name in tables (``TR``).
+        factory: builds a fresh architecture (an
+            :class:`~fsmtl.strategies.architecture.base.Architecture`) or weighting (a dense
+            :class:`~fsmtl.strategies.base.Strategy`) from :class:`MethodOptions`.
+        strategy: the class the factory builds.
+        plain: the method name of the component alone (an architecture with equal weights, a
+            weighting on the shared trunk): ``tr``, ``gradnorm``, ``mtl`` for ``equal``.
+        plain_label: the table label of the plain method (default: ``label``).
+        sparse: (architectures) the component has a keep ratio, chosen on validation.
+        requires: importable top-level packages it needs beyond the core install.
+    """
+
+    name: str
+    label: str
+    factory: Callable[[MethodOptions], object]
+    strategy: type
+    plain: str
+    plain_label: str | None = None
+    sparse: bool = False
+    requires: tuple[str, ...] = ()

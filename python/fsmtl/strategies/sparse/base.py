@@ -10,10 +10,16 @@ import torch
 
 import fsmtl_kernels as fk
 
-from ...distributed import check_identical
-from ...gradients import MaskedBackwardStream, dense_multitask_backward, masked_multitask_backward
+from ...collectives import check_identical
+from ...gradients import (
+    ForwardRecord,
+    MaskedBackwardStream,
+    MeasuredBatching,
+    dense_multitask_backward,
+    masked_multitask_backward,
+)
 from ..base import Strategy
-from .schedule import MaskSchedule
+from ..schedule import MaskSchedule
 
 
 class SparseStrategy(Strategy):
@@ -33,7 +39,8 @@ class SparseStrategy(Strategy):
         batched_grads: how the T per-task gradients are computed when the tasks share one trunk
             forward: ``True`` batched vector-Jacobian products, ``False`` T backward passes,
             ``"auto"`` (default) the rule of :func:`fsmtl.gradients.auto_batched`,
-            ``"measure"`` the faster of the two, timed once at the first masked step. Separate
+            ``"measure"`` the faster of the two, timed once at the first masked step
+            (:class:`fsmtl.gradients.MeasuredBatching`). Separate
             trunk forwards (heterogeneous tasks, ``mask_forward``) always take T backward passes;
             the Trainer runs each right after its task's forward (:meth:`open_backward_stream`).
             Either way each task's gradient is streamed into the masked sum (no ``[T, P]``
@@ -64,29 +71,35 @@ class SparseStrategy(Strategy):
         self.freeze_unselected = bool(freeze_unselected)
         if batched_grads not in (True, False, "auto", "measure"):
             raise ValueError(f"batched_grads must be True, False, 'auto' or 'measure', got {batched_grads!r}")
-        self.batched_grads = batched_grads
+        self.batched_grads = MeasuredBatching() if batched_grads == "measure" else batched_grads
         self.mask: fk.PackedMask | None = None
         self._forward_masks: list[list[torch.Tensor]] | None = None
         self._unselected: list[torch.Tensor] | None = None
         self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def bind(self, context) -> None:
-        super().bind(context)
-        context.model.record_linear_calls = True  # backward() takes the record every step
-
     @abstractmethod
     def compute_mask(self) -> fk.PackedMask:
         """New masks for all tasks, from the current model."""
 
+    def updates_at(self, epoch: int, step: int, epoch_start: bool) -> bool:
+        return self.schedule.due(epoch, step, epoch_start)
+
     def on_step(self, epoch: int, step: int, epoch_start: bool) -> dict | None:
-        if not self.schedule.due(epoch, step, epoch_start):
+        if not self.updates_at(epoch, step, epoch_start):
             return None
         return self.update_mask(epoch, step)
+
+    @property
+    def phase(self) -> str:
+        return "warm-up" if self.mask is None else "training"
+
+    def forward_record(self) -> ForwardRecord:
+        """A record with the masked Linear calls: :meth:`backward` takes the fused weight gradient."""
+        return ForwardRecord(linear_calls=True)
 
     def update_mask(self, epoch: int = -1, step: int = -1) -> dict:
         """Recompute the masks now; returns the record (ones, churn, overlap) of this update."""
         new = self.compute_mask()
-        self.context.model.pop_forward_record()  # the Fisher forwards are not the training step's
         check_identical(new)  # several ranks: one checksum all-reduce; raises if the masks differ
         record = {
             "epoch": epoch,
@@ -166,7 +179,6 @@ class SparseStrategy(Strategy):
                 "(streams_backward() is False): use backward(losses)"
             )
         model = self.context.model
-        model.pop_forward_record()  # forwards before the stream are not this step's
         return MaskedBackwardStream(
             model.masked_parameters(),
             self.mask,
@@ -176,10 +188,9 @@ class SparseStrategy(Strategy):
             normalize=self.normalize,
         )
 
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
         model = self.context.model
-        linear_record = model.linear_record()
-        boundary, trunk_forwards = model.pop_forward_record()
+        trunk_forwards = record.trunk_forwards if record is not None else 1
         if self.mask is None:  # warm-up: dense MTL, one backward pass instead of T
             dense_multitask_backward(losses, model.shared_parameters())
             return
@@ -195,8 +206,7 @@ class SparseStrategy(Strategy):
             head_params=model.head_parameters(),
             normalize=self.normalize,
             batched=batched,
-            boundary=boundary,
-            linear_record=linear_record,
+            record=record,
         )
 
     def before_optimizer_step(self) -> None:

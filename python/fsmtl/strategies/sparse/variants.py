@@ -13,7 +13,7 @@
   optimization"): within one step, task 1's loss is minimised by one optimizer update with its
   masked gradient ``S_1 * g_1``, then task 2's loss is recomputed on the updated parameters and
   updated, and so on: T optimizer updates per step, instead of one update with the average
-  ``sum_t S_t g_t / T``. The :class:`~fsmtl.trainer.Trainer` runs it when the strategy's
+  ``sum_t S_t g_t / T``. The :class:`~fsmtl.engine.Trainer` runs it when the strategy's
   ``in_turns`` is True, calling :meth:`backward_task` once per task.
 * STL with Fisher-sparse updates (method ``stl-fs``): one model per task, each trained with its own
   Fisher mask; it has sparsity without sharing, so comparing it with FS separates the two effects.
@@ -111,7 +111,6 @@ class FisherSparseVariant(FisherSparse):
 def task_backward(model, t: int, loss: torch.Tensor, mask: Sequence[torch.Tensor] | None) -> None:
     """Write ``.grad`` for one task's update: ``S_t * g_t`` on the masked trunk parameters (``g_t``
     without a mask), ``g_t`` on the densely shared ones and on head t; other heads get no gradient."""
-    model.pop_forward_record()  # this update needs no record of the forwards
     masked = model.masked_parameters()
     dense = model.dense_shared_parameters()
     head = [p for p in model.heads[t].parameters() if p.requires_grad]
@@ -129,9 +128,15 @@ class FisherSparseInTurns(FisherSparseVariant):
 
     in_turns = True
 
+    def __init__(self, keep_ratio, **kwargs) -> None:
+        super().__init__(keep_ratio, **kwargs)
+        self._turn_masks: list[list[torch.Tensor]] | None = None  # per task, of the current mask
+
+    def set_mask(self, mask: fk.PackedMask) -> None:
+        super().set_mask(mask)
+        self._turn_masks = task_masks(mask)
+
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
-        if self.mask is not None and getattr(self, "_turn_mask_of", None) is not self.mask:
-            self._turn_masks, self._turn_mask_of = task_masks(self.mask), self.mask
         task_backward(self.context.model, t, loss, None if self.mask is None else self._turn_masks[t])
 
 

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ...gradients import dense_multitask_backward
+from ...gradients import ForwardRecord, dense_multitask_backward
 from ..base import Strategy
-from ..method import Method
+from ..method import Component, Method
 
 
 class EqualWeighting(Strategy):
@@ -18,7 +18,7 @@ class EqualWeighting(Strategy):
     backward pass; this equals :class:`~fsmtl.strategies.FisherSparse` with every mask full.
     """
 
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
         dense_multitask_backward(losses, self.context.model.shared_parameters())
 
 
@@ -26,7 +26,5 @@ def _equal(options) -> EqualWeighting:
     return EqualWeighting()
 
 
-METHODS = (
-    Method("stl", "STL", _equal, EqualWeighting, single_task=True),
-    Method("mtl", "MTL", _equal, EqualWeighting),
-)
+METHODS = (Method("stl", "STL", _equal, EqualWeighting, single_task=True),)
+WEIGHTINGS = (Component("equal", "EW", _equal, EqualWeighting, plain="mtl", plain_label="MTL"),)

@@ -10,8 +10,9 @@ from typing import NamedTuple
 
 import torch
 
+from ...gradients import ForwardRecord
 from ..base import Strategy
-from ..method import Method
+from ..method import Component
 
 
 class Aggregator(NamedTuple):
@@ -75,7 +76,7 @@ class JacobianAggregation(Strategy):
     def load_state_dict(self, state: dict) -> None:
         self._built = copy.deepcopy(state["aggregator"])
 
-    def backward(self, losses: Sequence[torch.Tensor]) -> None:
+    def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
         from torchjd.autojac import backward, jac_to_grad
 
         if self._built is None:
@@ -83,7 +84,7 @@ class JacobianAggregation(Strategy):
         model = self.context.model
         shared = model.shared_parameters()
         stacked = torch.stack([loss.reshape(()) for loss in losses])
-        torch.autograd.backward(stacked.sum(), inputs=model.head_parameters(), retain_graph=True)
+        torch.autograd.backward(stacked.sum(), inputs=self.task_parameters(), retain_graph=True)
         backward(list(stacked), inputs=shared)
         jac_to_grad(shared, self._built)
 
@@ -92,9 +93,9 @@ def _jacobian(name: str, options) -> JacobianAggregation:
     return JacobianAggregation(name)
 
 
-METHODS = tuple(
-    Method(
-        name, a.label, partial(_jacobian, name), JacobianAggregation, variant=name, requires=("torchjd", *a.requires)
+WEIGHTINGS = tuple(
+    Component(
+        name, a.label, partial(_jacobian, name), JacobianAggregation, plain=name, requires=("torchjd", *a.requires)
     )
     for name, a in AGGREGATORS.items()
 )

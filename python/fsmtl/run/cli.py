@@ -1,0 +1,363 @@
+"""The ``fsmtl`` command: ``fsmtl run`` reproduces the paper's comparison on a benchmark;
+``fsmtl benchmarks`` lists the benchmarks and their options; ``fsmtl info`` describes the install.
+
+Everything ``fsmtl run`` can check before training (names, ``-o`` values, the methods' packages,
+the output directory) is checked first: a misuse ends with one ``fsmtl: error: ...`` line and exit
+code 2 before anything trains. SIGINT/SIGTERM stop after the current step, the finished runs'
+results are written, and the command exits with code 130 (see :func:`run_command`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from .launcher import run_cli
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
+        if not values:
+            raise argparse.ArgumentTypeError("expected at least one value")
+        return values
+
+    return parse
+
+
+def _option(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _version() -> str:
+    from .info import package_version
+
+    return f"fsmtl (fsmtl-kernels) {package_version('fsmtl-kernels') or 'unknown version'}"
+
+
+def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The options of ``fsmtl run`` on ``run``; ``defaults=False`` gives every option the default
+    ``argparse.SUPPRESS``, so that a parse shows which options the command line gave."""
+    import fsmtl_kernels as fk
+
+    from ..data import BENCHMARKS
+    from ..models import BACKBONES
+    from ..strategies import ARCHITECTURES, METHODS, WEIGHTINGS
+    from .experiment import ExperimentConfig
+    from .presets import PRESETS
+
+    d = ExperimentConfig()
+
+    def D(value):  # noqa: N802 (reads as the default it stands for)
+        return value if defaults else argparse.SUPPRESS
+
+    bench_help = ", ".join(BENCHMARKS) + "; fsmtl benchmarks lists them with their options"
+    run.add_argument("--benchmark", default=D(d.benchmark), help=f"benchmark name: {bench_help}")
+    run.add_argument(
+        "--option",
+        "-o",
+        type=_option,
+        action="append",
+        default=D([]),
+        metavar="KEY=VALUE",
+        help="benchmark option or data path, typed and checked against the benchmark's options (fsmtl "
+        "benchmarks lists them), e.g. -o relatedness=0.2 or -o mnist_dir=/data/mnist; repeatable",
+    )
+    run.add_argument(
+        "--methods",
+        type=_csv(str),
+        default=D(",".join(d.methods)),
+        help=f"comma-separated methods, any of: {', '.join(METHODS)}; or ARCH+WEIGHTING (e.g. tr+gradnorm) with "
+        f"ARCH one of {', '.join(ARCHITECTURES)} and WEIGHTING one of {', '.join(WEIGHTINGS)}",
+    )
+    run.add_argument(
+        "--seeds",
+        type=_csv(int),
+        default=D(",".join(map(str, d.seeds))),
+        help="comma-separated seeds (model initialisation, batch order, mask sampling; the data split is fixed) "
+        "whose test scores are reported, at the keep ratio chosen with --select-seeds",
+    )
+    run.add_argument(
+        "--select-seeds",
+        type=_csv(int),
+        default=D(",".join(map(str, d.select_seeds))),
+        help="comma-separated seeds that choose the keep ratio on validation (needed only with several keep "
+        "ratios); never reported, and disjoint from --seeds",
+    )
+    run.add_argument(
+        "--keep-ratios",
+        type=_csv(float),
+        default=D(",".join(f"{p:g}" for p in d.keep_ratios)),
+        help="comma-separated grid of keep ratios p in (0, 1] for the sparse methods, the best chosen on validation",
+    )
+    run.add_argument("--epochs", type=int, default=D(d.epochs), help="training epochs per run")
+    run.add_argument("--batch-size", type=int, default=D(d.batch_size), help="examples per task per step")
+    run.add_argument("--lr", type=float, default=D(d.lr), help="Adam learning rate")
+    run.add_argument("--hidden", type=int, default=D(d.hidden), help="trunk width")
+    run.add_argument("--warmup", type=int, default=D(d.warmup), help="dense warm-up epochs before the first mask")
+    run.add_argument("--update-every", type=int, default=D(d.update_every), help="epochs between mask updates")
+    run.add_argument("--samples", type=int, default=D(d.samples), help="examples per task for each Fisher estimate")
+    run.add_argument(
+        "--mask-forward", action="store_true", default=D(False), help="run each task's forward on S_t * theta (Eq. 3)"
+    )
+    run.add_argument(
+        "--normalize",
+        choices=fk.NORMALIZE_MODES,
+        default=D(d.normalize),
+        help="divide the masked sum by T, or by the number of tasks selecting each entry",
+    )
+    run.add_argument("--device", default=D(d.device), help="torch device, e.g. cpu or cuda")
+    run.add_argument(
+        "--model",
+        choices=BACKBONES,
+        default=D(d.model),
+        help="trunk: auto (MLP, small CNN or dense CNN by the input), resnet18 or segnet (the paper's backbones)",
+    )
+    run.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=D(None),
+        help="the paper's settings for a benchmark (model, batch, optimiser, epochs; sources in fsmtl.presets); "
+        "add the data paths with -o; options given here win",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        default=D(Path("fsmtl-results")),
+        help="output folder (created if missing; one holding another run's results is refused unless --overwrite)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=D(False),
+        help="replace the results of an earlier run in --out (its results, table and figures are deleted first)",
+    )
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=D(False),
+        help="hide the progress (by default one bar per run on a terminal, plain lines in a log file)",
+    )
+    run.add_argument("--amp", choices=("bf16", "fp16"), default=D(None), help="mixed precision of the forward pass")
+    run.add_argument(
+        "--nproc",
+        type=int,
+        default=D(1),
+        help="train on this many local processes (torch.distributed, gloo on CPU, NCCL on CUDA; the same as "
+        "torchrun --standalone --nproc_per_node N -m fsmtl run ...); --batch-size is per process",
+    )
+    run.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=D(None),
+        help="write resumable checkpoints and each finished run's result to this folder",
+    )
+    run.add_argument("--checkpoint-every", type=int, default=D(1), help="epochs between checkpoints (--checkpoint-dir)")
+    run.add_argument(
+        "--resume",
+        type=Path,
+        default=D(None),
+        metavar="DIR",
+        help="continue the run checkpointed in DIR (its settings)",
+    )
+
+
+def explicit_options(argv) -> set[str]:
+    """The ``dest`` names of the ``fsmtl run`` options given on the command line ``argv``."""
+    parser = argparse.ArgumentParser(prog="fsmtl", add_help=False)
+    add_run_arguments(parser.add_subparsers(dest="command").add_parser("run", add_help=False), defaults=False)
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsmtl", description="Fisher Sparse Multi-Task Learning (AAAI-24).")
+    parser.add_argument("--version", action="version", version=_version(), help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser(
+        "run",
+        help="train and compare methods on a benchmark",
+        description="Train STL, MTL, RS and FS (by default) over several seeds, choose each sparse method's keep "
+        "ratio on validation, and report test metrics as in the paper's Table 1. Writes results.json, "
+        "results.csv, table.txt and figures to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_run_arguments(run)
+    sub.add_parser("benchmarks", help="list the benchmarks with their options, types and defaults")
+    study = sub.add_parser(
+        "study",
+        help="run a declared grid of experiments (resumable) and write a Markdown report",
+        description="Run the grid of a study spec (JSON; see fsmtl.run.study): every setting under the evaluation "
+        "protocol, each finished run saved in OUT/cells and skipped when the study runs again; writes "
+        "OUT/study.json, OUT/report.md and its figures.",
+    )
+    study.add_argument("spec", type=Path, help="the study spec, a JSON file (e.g. benchmarks/studies/*.json)")
+    study.add_argument("--out", type=Path, required=True, help="output folder (the cells of earlier runs are reused)")
+    sub.add_parser("info", help="print versions, backends, the C++ extension's build status and thread settings")
+    return parser
+
+
+def _resolve(args) -> tuple:
+    """Settings, checkpoint store, loaded benchmark and the old output files to clear: every check
+    that can run before training, in an order where a failure leaves nothing behind."""
+    from .experiment import ExperimentConfig
+    from .preflight import check_benchmark, check_output, check_writable_dir, parse_options
+    from .presets import resolve_settings
+    from .resume import RUN_FILE, prepare
+
+    # Every option but --option/--out/--no-progress/--overwrite is named like an ExperimentConfig field.
+    settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
+    given = explicit_options(args.argv)
+    settings["benchmark_options"] = {}
+    settings = resolve_settings(settings, given, args.preset)  # --preset, then the benchmark's run defaults
+    benchmark = settings["benchmark"]
+    if args.resume is not None and "benchmark" not in given and (args.resume / RUN_FILE).is_file():
+        benchmark = json.loads((args.resume / RUN_FILE).read_text()).get("benchmark", benchmark)
+    check_benchmark(benchmark)
+    settings["benchmark_options"] = {**settings["benchmark_options"], **parse_options(benchmark, args.option)}
+    if args.resume is None:
+        ExperimentConfig(**settings)  # validate before the checkpoint directory is written
+        check_output(args.out, overwrite=args.overwrite)
+        if args.checkpoint_dir is not None:
+            check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+    explicit = given if args.resume is not None else set()
+    settings, store = prepare(args, settings, explicit)  # --resume: the saved settings; sets args.out
+    cfg = ExperimentConfig(**settings)
+    from ..data import load_benchmark
+
+    data = load_benchmark(cfg.benchmark, **cfg.benchmark_options)
+    old = check_output(args.out, overwrite=args.overwrite, resume=args.resume is not None)
+    return cfg, store, data, old
+
+
+def _write_partial(args, cfg, stop) -> Path:
+    """``--out/partial-results.json``: the finished runs' metrics, the run that was stopped, settings."""
+    from ..engine.checkpoint import atomic_write_text
+    from .info import environment
+    from .preflight import PARTIAL_RESULTS
+    from .resume import _jsonable
+
+    partial = {
+        "interrupted": str(stop) or type(stop).__name__,
+        "interrupted_run": getattr(stop, "interrupted_run", None),
+        "finished_runs": getattr(stop, "finished_runs", []),
+        "config": _jsonable(vars(cfg)),
+        "command": args.command_line,
+        "environment": environment(cfg.device),
+    }
+    return atomic_write_text(json.dumps(partial, indent=1), args.out / PARTIAL_RESULTS)
+
+
+def run_command(args) -> int:
+    """``fsmtl run``: checks, then the experiment, then the results in ``--out``.
+
+    On SIGINT/SIGTERM the current step finishes, the finished runs are written to
+    ``--out/partial-results.json`` (and with ``--checkpoint-dir`` the interrupted run is
+    checkpointed, so ``--resume`` continues it), one line says what was kept, and the exit code is 130.
+    """
+    from ..engine.checkpoint import TrainingInterrupted
+    from .experiment import run_experiment
+    from .preflight import PARTIAL_RESULTS, clear_output
+    from .progress import Progress
+    from .protocol import planned_runs
+    from .report import format_table, plot_figures, write_csv, write_json
+    from .resume import interrupted, stop_on_signals
+
+    cfg, store, data, old = _resolve(args)
+    clear_output(old)  # --overwrite: the earlier run's files go before this run writes any
+    progress = None
+    if not args.no_progress:
+        runs = sum(planned_runs(m, cfg.keep_ratios, cfg.select_seeds, cfg.seeds) for m in cfg.methods)
+        progress = Progress(runs, stream=sys.stderr)
+    with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step (checkpoint with --checkpoint-dir)
+        try:
+            results = run_experiment(cfg, benchmark=data, progress=progress, store=store)
+        except (TrainingInterrupted, KeyboardInterrupt) as stop:
+            path = _write_partial(args, cfg, stop)
+            kept = len(getattr(stop, "finished_runs", []))
+            where = f"stopped during {stop.interrupted_run}" if getattr(stop, "interrupted_run", None) else "stopped"
+            if store is not None:
+                interrupted(store, stop)  # DIR/partial-results.json, as issue 11 wrote it
+                how = f"continue with: fsmtl run --resume {store.directory}"
+            else:
+                how = "no --checkpoint-dir, so a new run starts over (add --checkpoint-dir DIR to make runs resumable)"
+            print(f"fsmtl: interrupted ({where}); {kept} finished run(s) kept in {path}; {how}", file=sys.stderr)
+            return 130
+    results["command"] = args.command_line
+    table = format_table(results)
+    (args.out / "table.txt").write_text(table + "\n")
+    write_json(results, args.out / "results.json")
+    write_csv(results, args.out / "results.csv")
+    figures = plot_figures(results, args.out)
+    (args.out / PARTIAL_RESULTS).unlink(missing_ok=True)  # superseded by the complete results
+    print(table)
+    print(
+        f"\n{results['seconds']:.0f} s; wrote {args.out}/results.json, results.csv, table.txt, "
+        + ", ".join(p.name for p in figures)
+    )
+    return 0
+
+
+def benchmarks_command() -> int:
+    """``fsmtl benchmarks``: each benchmark, what it is, and its options with types and defaults."""
+    from ..data import BENCHMARKS
+    from .preflight import option_specs
+
+    for name, entry in BENCHMARKS.items():
+        print(f"{name}{' (local files)' if entry.local_files else ''}: {entry.description}")
+        for spec in option_specs(entry):
+            print(f"    -o {spec.describe()}")
+        for key, value in entry.run_defaults.items():
+            print(f"    run default: {key} = {value}")
+    return 0
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"fsmtl: warning: {message}\n"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # to tell given options from defaults (--resume)
+    args.command_line = shlex.join(["fsmtl", *args.argv])
+    try:
+        if args.command == "benchmarks":
+            return benchmarks_command()
+        if args.command == "study":
+            from .study import load_spec, run_study
+
+            run_study(load_spec(args.spec), args.out, log=lambda line: print(line, flush=True))
+            print(f"wrote {args.out}/report.md, study.json and figures")
+            return 0
+        if args.command == "info":
+            from .info import report
+
+            print(report())
+            return 0
+        with warnings.catch_warnings():
+            warnings.formatwarning = _one_line_warning  # "fsmtl: warning: ..." instead of file:line
+            return run_cli(args, run_command)  # torchrun / --nproc: fsmtl.run.launcher
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"fsmtl: error: {str(message).splitlines()[0] if str(message) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsmtl: interrupted outside training (while checking, loading data or writing results)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
