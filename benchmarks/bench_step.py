@@ -13,8 +13,8 @@ import torch
 import fsmtl
 import fsmtl_kernels as fk
 from fsmtl.data import load_benchmark
-from fsmtl.losses import task_loss
 from fsmtl.models import build_model
+from fsmtl.tasks.losses import task_loss
 
 BATCH = 64
 

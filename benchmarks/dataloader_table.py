@@ -1,11 +1,10 @@
-"""Per-step cost of the Trainer's data paths and of one checkpoint write (issue 11).
+"""Per-step cost of the Trainer's data paths and of one checkpoint write.
 
 Peers side by side in one run, on the built-in ``digits-attributes`` benchmark (8 binary tasks,
 MLP 64-128-128, batch 64, 1078 training samples = 17 steps per epoch), dense MTL and FS:
 
-* ``before``: the Trainer of commit 527a2b6 (in-memory ``Split`` only, no checks), loaded from git;
-* ``Split``: today's Trainer on the in-memory split;
-* ``Dataset``: today's Trainer on ``bench.datasets("train")`` (it builds the DataLoader);
+* ``Split``: the Trainer on the in-memory split;
+* ``Dataset``: the Trainer on ``bench.datasets("train")`` (it builds the DataLoader);
 * ``DataLoader``: a user's ``DataLoader(TensorDataset(x, *ys), batch_size=64, shuffle=True)``.
 
 Median ms per step over ``--repeats`` runs of ``--epochs`` epochs each, and the ratio to the
@@ -17,14 +16,10 @@ python benchmarks/dataloader_table.py``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,27 +28,6 @@ import fsmtl
 from fsmtl.data import load_benchmark
 from fsmtl.models import build_model
 from fsmtl.strategies import EqualWeighting, FisherSparse, MaskSchedule
-
-BEFORE = "527a2b6"
-
-
-def old_trainer_class():
-    """The Trainer as it was before issue 11, or None without git."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        source = subprocess.run(
-            ["git", "show", f"{BEFORE}:python/fsmtl/trainer.py"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(tempfile.mkdtemp()) / "_trainer_before.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("fsmtl._trainer_before", path)
-    module = importlib.util.module_from_spec(spec)
-    module.__package__ = "fsmtl"
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.Trainer
 
 
 def make(bench, method, trainer_cls):
@@ -93,26 +67,23 @@ def main() -> None:
     args = parser.parse_args()
     bench = load_benchmark("digits-attributes")
     x, ys = bench.train.inputs[0], bench.train.targets
-    old = old_trainer_class()
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average {os.getloadavg()[0]:.2f}, "
         f"{os.cpu_count()} cores"
     )
-    print("| method | before | Split | Dataset | DataLoader | Dataset / Split | DataLoader / Split |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| method | Split | Dataset | DataLoader | Dataset / Split | DataLoader / Split |")
+    print("|---|---:|---:|---:|---:|---:|")
     for method in ("mtl", "fs"):
         peers = {
             "Split": (fsmtl.Trainer, bench.train),
             "Dataset": (fsmtl.Trainer, bench.datasets("train")),
             "DataLoader": (fsmtl.Trainer, DataLoader(TensorDataset(x, *ys), batch_size=64, shuffle=True)),
         }
-        if old is not None:
-            peers["before"] = (old, bench.train)
         ms = per_step_ms(bench, method, peers, args.epochs, args.repeats)
-        before, split, dataset, user = ms.get("before", float("nan")), ms["Split"], ms["Dataset"], ms["DataLoader"]
+        split, dataset, user = ms["Split"], ms["Dataset"], ms["DataLoader"]
         print(
-            f"| {method} | {before:.3f} | {split:.3f} | {dataset:.3f} | {user:.3f} | "
+            f"| {method} | {split:.3f} | {dataset:.3f} | {user:.3f} | "
             f"{dataset / split:.3f} | {user / split:.3f} |"
         )
     trainer = make(bench, "fs", fsmtl.Trainer)

@@ -1,10 +1,10 @@
-"""Steps per second and bytes communicated per step: FSMTL on torch.distributed vs plain DDP (issue 12).
+"""Steps per second and bytes communicated per step: FSMTL on torch.distributed vs plain DDP.
 
 Peers side by side in one run, 1 and 2 processes (gloo on CPU, 1 thread each, 127.0.0.1):
 
 * ``FS (fsmtl)``: the :class:`fsmtl.Trainer` with :class:`FisherSparse` (keep 0.3, masks computed
   once at the first step, then fixed), per-task gradients, masked average locally, then one
-  all-reduce of the combined shared + head gradients (:mod:`fsmtl.distributed`);
+  all-reduce of the combined shared + head gradients (:mod:`fsmtl.engine.distributed`);
 * ``MTL (fsmtl)``: the same Trainer with dense MTL (:class:`EqualWeighting`);
 * ``MTL (DDP)``: plain ``DistributedDataParallel`` of the same dense model, loss ``sum_t L_t``
   (trunk gradient rescaled by 1/T, as dense MTL), ``optimizer.step()``.
@@ -33,9 +33,11 @@ import torch.distributed as dist
 from torch import nn
 
 import fsmtl
-from fsmtl.data import Split, Task
-from fsmtl.distributed import spawn, world
+from fsmtl.collectives import world
+from fsmtl.data import Split
+from fsmtl.run.launcher import spawn
 from fsmtl.strategies import EqualWeighting, FisherSparse, MaskSchedule
+from fsmtl.tasks import Task
 
 T, D, H, BATCH = 8, 64, 256, 64
 TASKS = [Task(f"attr{t}", "binary", 1) for t in range(T)]

@@ -11,7 +11,7 @@ Usage (on a machine with a CUDA GPU)::
     python benchmarks/gpu_bandwidth.py                    # P = 1e7 and 1e8, writes gpu_bandwidth.json
     python benchmarks/gpu_bandwidth.py --sizes 1e7 --json out.json
 
-Targets (issue 6): Fisher accumulation and masked average >= 80% of copy bandwidth for
+Targets: Fisher accumulation and masked average >= 80% of copy bandwidth for
 P >= 1e7; top-K threshold + mask >= 5x faster than ``torch.topk`` on the concatenated scores at
 P = 1e8 (k = 10%, 50%, 90%) and within 3x of one read of the scores.
 

@@ -1,5 +1,5 @@
 """One multi-task training step (forward + backward, no optimizer), peers side by side, for an MLP
-and a CNN trunk of >= 1M parameters at T = 2, 8, 40 (issue 14).
+and a CNN trunk of >= 1M parameters at T = 2, 8, 40.
 
 Columns: median ms per step over ``--repeats`` steps after one warm-up step, and the peak resident
 memory the step adds. Each (model, T, method) runs in a fresh process with glibc's mmap threshold
@@ -109,9 +109,9 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
     mask = fk.topk_mask_batched(scores, KEEP)
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
-    def losses(masks=None):
+    def losses(masks=None, record=None):
         if masks is None:
-            f = model.features(x)
+            f = model.features(x, record=record)
             return [bce(h(f), y) for h, y in zip(model.heads, ys)]
         return [bce(model(x, t, masks[t]), y) for t, y in enumerate(ys)]
 
@@ -133,13 +133,11 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
                 torch.autograd.grad(loss, every, retain_graph=True, allow_unused=True)
     elif method in ("fsmtl-seq", "fsmtl-batched", "fsmtl-auto", "partial-top2"):
         batched = {"fsmtl-seq": False, "fsmtl-batched": True}.get(method, "auto")
-        model.record_linear_calls = True  # as a sparse strategy sets it
 
         def step():
             zero()
-            ls = losses()
-            linear_record = model.linear_record()
-            boundary, _ = model.pop_forward_record()
+            record = fsmtl.ForwardRecord()  # as a sparse strategy's record: with the Linear calls
+            ls = losses(record=record)
             fsmtl.masked_multitask_backward(
                 ls,
                 model.masked_parameters(),
@@ -147,8 +145,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
                 dense_params=model.dense_shared_parameters(),
                 head_params=model.head_parameters(),
                 batched=batched,
-                boundary=boundary,
-                linear_record=linear_record,
+                record=record,
             )
     elif method == "mask-forward":
         strategy = fsmtl.RandomSparse(KEEP, mask_forward=True)
@@ -166,7 +163,6 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
                 for t, y in enumerate(ys):
                     stream.backward(t, bce(model(x, t, masks[t]), y))
                 stream.finish()
-            model.pop_forward_record()
     elif method == "mask-forward-loop":
         every = model.masked_parameters()
         bools = mask.to_bool_stacked()
@@ -175,7 +171,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
             zero()
             acc = [torch.zeros_like(p) for p in every]
             for t, y in enumerate(ys):  # T separate masked forward/backward passes, summed by hand
-                weights = {n: p * b[t] for n, p, b in zip(model._masked_names, every, bools)}
+                weights = {n: p * b[t] for n, p, b in zip(model.masked_parameter_names(), every, bools)}
                 out = model.heads[t](torch.func.functional_call(model.trunk, weights, (x,)))
                 for a, g in zip(acc, torch.autograd.grad(bce(out, y), every)):
                     a.add_(g)

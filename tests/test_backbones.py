@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import fsmtl
-from fsmtl.backbones import ResNet18Trunk, SegNetTrunk, dense_head
-from fsmtl.data import Benchmark, Split, Task
-from fsmtl.losses import task_loss
-from fsmtl.models import build_model
+from fsmtl.data import Benchmark, Split
+from fsmtl.models import ResNet18Trunk, SegNetTrunk, build_model, dense_head
 from fsmtl.strategies import METHODS, MethodOptions
-from fsmtl.strategies.modulation.base import modulation_points
+from fsmtl.strategies.architecture.base import modulation_points
+from fsmtl.tasks import Task
+from fsmtl.tasks.losses import task_loss
 
 
 def n_params(module):
@@ -89,10 +89,10 @@ def test_modulated_methods_on_the_backbones(method, bench, backbone):
     trainer = fsmtl.Trainer(model, b.tasks, strategy, torch.optim.SGD(model.parameters(), 1e-3))
     trainer.fit(b.train, epochs=1, batch_size=2)
     points = modulation_points(model.trunk)
-    channels = strategy.channels
+    channels = strategy.architecture.channels
     assert len(channels) == len(points)
     if method != "se":
-        assert [int(m[0].sum()) for m in strategy.masks] == [c // 2 for c in channels]
+        assert [int(m[0].sum()) for m in strategy.architecture.masks] == [c // 2 for c in channels]
     # The two tasks see different trunk outputs; the shared weights got the dense task average.
     x = b.train.inputs[0][:2]
     model.eval()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fsmtl import checkpoint as ckpt
-from fsmtl.cli import main
+from fsmtl.engine import checkpoint as ckpt
+from fsmtl.run.cli import main
 
 # One definition of the run, executed here and in the child processes: a sparse strategy with
 # forward masks (strategy RNG), dropout (global RNG), Adam and a per-step LR schedule.
@@ -21,7 +21,8 @@ BUILD = """
 import torch
 from torch import nn
 import fsmtl
-from fsmtl.data import Split, Task
+from fsmtl.data import Split
+from fsmtl.tasks import Task
 from fsmtl.strategies import FisherSparse, MaskSchedule
 
 TASKS = [Task("a", "binary", 1), Task("b", "regression", 1), Task("c", "multiclass", 3)]
@@ -187,7 +188,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_resumable_directory(reference
     # The 5th checkpoint write stops after its temporary file holds data, before the rename.
     script = f"""
 import os, time
-import fsmtl.checkpoint as ckpt
+import fsmtl.engine.checkpoint as ckpt
 real_fsync, calls = os.fsync, [0]
 def slow_fsync(fd):
     calls[0] += 1
@@ -243,7 +244,7 @@ def test_sigint_stops_checkpoints_and_resume_gives_the_same_results(uninterrupte
     directory, out = tmp_path / "ck", tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     args = [*CLI_ARGS, "--out", str(out), "--checkpoint-dir", str(directory)]
-    proc = subprocess.Popen([sys.executable, "-m", "fsmtl.cli", *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "fsmtl", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
     # Interrupt once the first run is done and a later one has a checkpoint.
     _wait_for(lambda: any(directory.glob("runs/*/result.pt")) and any(directory.glob("runs/*/ckpt-*.pt")), proc)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fsmtl.cli import main
+from fsmtl.run.cli import main
 
 
 @pytest.mark.slow
@@ -111,7 +111,7 @@ def test_bad_options_give_one_line(args, needle, capsys, tmp_path):
 
 
 def test_help_and_console_script():
-    done = subprocess.run([sys.executable, "-m", "fsmtl.cli", "run", "--help"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "fsmtl", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--keep-ratios" in done.stdout and "digits-attributes" in done.stdout
-    listed = subprocess.run([sys.executable, "-m", "fsmtl.cli", "benchmarks"], capture_output=True, text=True)
+    listed = subprocess.run([sys.executable, "-m", "fsmtl", "benchmarks"], capture_output=True, text=True)
     assert "synthetic" in listed.stdout

@@ -1,4 +1,4 @@
-"""``fsmtl run`` as a researcher uses it (issue 16): every misuse ends before training with one
+"""``fsmtl run`` as a researcher uses it: every misuse ends before training with one
 ``fsmtl: error: ...`` line and exit code 2; --overwrite; an interrupt keeps the finished runs;
 --help, --version, ``fsmtl benchmarks`` and ``fsmtl info`` (also with the C++ extension missing)."""
 
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-import fsmtl.trainer
-from fsmtl import checkpoint as ckpt
-from fsmtl import experiment
-from fsmtl.cli import build_parser, main
+import fsmtl.engine.trainer
+from fsmtl.engine import checkpoint as ckpt
+from fsmtl.run import experiment
+from fsmtl.run.cli import build_parser, main
 from fsmtl.strategies import METHODS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def no_training(monkeypatch):
     def fit(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(fsmtl.trainer.Trainer, "fit", fit)
+    monkeypatch.setattr(fsmtl.engine.trainer.Trainer, "fit", fit)
 
 
 def _one_error(capsys) -> str:
@@ -139,7 +139,7 @@ def test_sigterm_in_a_real_process_keeps_finished_runs_and_a_readable_log(tmp_pa
             "--out", str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "fsmtl.cli", *args], env=env, stdout=subprocess.PIPE, stderr=f)
+        proc = subprocess.Popen([sys.executable, "-m", "fsmtl", *args], env=env, stdout=subprocess.PIPE, stderr=f)
         deadline = time.monotonic() + 120
         while "done," not in log.read_text():  # the first run has finished
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
@@ -207,7 +207,9 @@ def test_info_names_the_recorded_build_error_when_the_extension_is_missing(tmp_p
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("FSMTL_CPP_JIT", None)
     # The editable install's finder would still find the real _C for the copy: block it as unbuilt.
-    code = "import sys; sys.modules['fsmtl_kernels._C'] = None; from fsmtl.cli import main; sys.exit(main(['info']))"
+    code = (
+        "import sys; sys.modules['fsmtl_kernels._C'] = None; from fsmtl.run.cli import main; sys.exit(main(['info']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -240,7 +242,7 @@ def test_setup_records_the_compilers_first_error(tmp_path):
 
 
 def test_a_second_signal_stops_at_once():
-    from fsmtl.resume import stop_on_signals
+    from fsmtl.run.resume import stop_on_signals
 
     with stop_on_signals():
         os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the current step

@@ -16,7 +16,6 @@ from fsmtl.data import (
     POSITIVE_RATES,
     Benchmark,
     Split,
-    Task,
     celeba,
     cityscapes,
     dkl_mnist,
@@ -26,6 +25,7 @@ from fsmtl.data import (
 )
 from fsmtl.data._split import standardize, three_way_split
 from fsmtl.data.synthetic import task_directions
+from fsmtl.tasks import Task
 
 SPLITS = ("train", "val", "test")
 

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fsmtl
 import fsmtl_kernels as fk
-from fsmtl.data import Split, Task
-from fsmtl.distributed import free_port, spawn
+from fsmtl.data import Split
+from fsmtl.run.launcher import free_port, spawn
 from fsmtl.strategies import FisherSparse, MaskSchedule
+from fsmtl.tasks import Task
 from fsmtl_kernels.distributed_topk_mask import distributed_topk_mask, distributed_topk_mask_batched, order_keys
 from fsmtl_kernels.packed_mask import unpack_bits
 
@@ -203,7 +204,7 @@ class _FailAt(nn.Module):
 
 def _fault_worker() -> None:
     """Run by the fault test in each rank's own ``python`` process (env: torchrun's variables)."""
-    from fsmtl.distributed import init_from_env
+    from fsmtl.run.launcher import init_from_env
 
     init_from_env("cpu")
     _train(32, trunk_extra=(_FailAt(5),))

@@ -1,4 +1,4 @@
-"""The Trainer's streamed step (issue 14 item 4): with separate task forwards under a mask (Eq. 3,
+"""The Trainer's streamed step: with separate task forwards under a mask (Eq. 3,
 ``mask_forward``; heterogeneous tasks) each task's forward is followed by its backward before the
 next task's forward (one task graph alive), streamed into the masked sum by
 :class:`fsmtl.MaskedBackwardStream`. Checked: the ``.grad`` of the reference formula in float64
@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 import fsmtl
-from fsmtl.data import Task
-from fsmtl.losses import task_loss
 from fsmtl.strategies import MaskSchedule, RandomSparse
 from fsmtl.strategies.sparse.base import SparseStrategy
+from fsmtl.tasks import Task
+from fsmtl.tasks.losses import task_loss
 
 TASKS = [Task("a", "binary", 1), Task("b", "multiclass", 3), Task("c", "regression", 1)]
 T = len(TASKS)
@@ -72,7 +72,7 @@ def reference_grads(model, mask, xs, ys, normalize, mask_forward):
     sums = [torch.zeros_like(p) for p in every]
     for t, task in enumerate(TASKS):
         if mask_forward:
-            weights = {n: p * b[t] for n, p, b in zip(model._masked_names, masked, bools)}
+            weights = {n: p * b[t] for n, p, b in zip(model.masked_parameter_names(), masked, bools)}
             features = torch.func.functional_call(model.trunk, weights, (xs[t],))
         else:
             features = model.trunk(xs[t])
@@ -320,7 +320,8 @@ def test_streamed_forwards_keep_the_masked_weights_and_give_the_same_grads(monke
         assert any(packed) != streamed  # outside: the masked weights are packed as (p, mask)
         out.square().sum().backward()
         grads[streamed] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    model.pop_forward_record()
-    assert model._streamed is False  # the context restores the flag
+    packed.clear()
+    model(xs[0], 0, mask)
+    assert any(packed)  # the context ended: masked forwards pack (p, mask) again
     for a, b in zip(grads[False], grads[True], strict=True):
         assert torch.equal(a, b)

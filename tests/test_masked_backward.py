@@ -1,4 +1,4 @@
-"""The streaming masked multi-task backward (issue 14): every path writes the ``.grad`` of the
+"""The streaming masked multi-task backward: every path writes the ``.grad`` of the
 reference formula (paper Eq. 4), checked in float64 against one fresh forward/backward per task:
 homogeneous and heterogeneous tasks, full and partial masks (masked layers on top, at the
 bottom, and a skip connection around the boundary), both normalizations, batched, sequential and
@@ -12,7 +12,7 @@ from torch import nn
 
 import fsmtl
 import fsmtl_kernels as fk
-from fsmtl.gradients import _dense_split
+from fsmtl.gradients import ForwardRecord
 from fsmtl.strategies import RandomSparse, TrainingContext
 
 T = 3
@@ -53,7 +53,6 @@ def make_model(kind):
     torch.manual_seed(0)
     build, masked_modules = TRUNKS[kind]
     model = fsmtl.MultiTaskModel(build(), [nn.Linear(8, 1) for _ in range(T)], masked_modules=masked_modules)
-    model.record_linear_calls = True
     return model.double()
 
 
@@ -71,12 +70,12 @@ def make_data(heterogeneous):
     return (xs if heterogeneous else xs * T), ys
 
 
-def task_losses(model, xs, ys, masks=None, shared_forward=True):
+def task_losses(model, xs, ys, masks=None, shared_forward=True, record=None):
     if shared_forward and masks is None and all(x is xs[0] for x in xs):
-        features = model.features(xs[0])
+        features = model.features(xs[0], record=record)
         return [((h(features) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
     masks = masks or [None] * T
-    return [((model(x, t, m) - y) ** 2).mean() for t, (x, y, m) in enumerate(zip(xs, ys, masks))]
+    return [((model(x, t, m, record=record) - y) ** 2).mean() for t, (x, y, m) in enumerate(zip(xs, ys, masks))]
 
 
 def reference_grads(model, mask, xs, ys, normalize, mask_forward):
@@ -90,7 +89,7 @@ def reference_grads(model, mask, xs, ys, normalize, mask_forward):
     sums = [torch.zeros_like(p) for p in masked]
     dense_sum = [torch.zeros_like(p) for p in dense]
     head_sum = [torch.zeros_like(p) for p in heads]
-    names = model._masked_names
+    names = model.masked_parameter_names()
     for t in range(T):
         if mask_forward:  # Eq. 3 spelled out: the trunk on S_t * theta (no saved-tensor hooks)
             weights = {n: p * b[t] for n, p, b in zip(names, masked, bools)}
@@ -133,12 +132,11 @@ def test_function_matches_reference(kind, normalize, batched, heterogeneous, fus
     xs, ys = make_data(heterogeneous)
     expected = reference_grads(model, mask, xs, ys, normalize, mask_forward=False)
     model.zero_grad(set_to_none=True)
-    model.pop_forward_record()
-    losses = task_losses(model, xs, ys)
-    linear_record = model.linear_record() if fused else ()
-    boundary, forwards = model.pop_forward_record()
-    assert forwards == (T if heterogeneous else 1)
-    assert bool(boundary) == (kind not in ("full", "bottom"))  # the first masked module's input
+    record = ForwardRecord(linear_calls=fused)
+    losses = task_losses(model, xs, ys, record=record)
+    assert record.trunk_forwards == (T if heterogeneous else 1)
+    assert bool(record.boundary) == (kind not in ("full", "bottom"))  # the first masked module's input
+    assert bool(record.linears) == fused
     fsmtl.masked_multitask_backward(
         losses,
         model.masked_parameters(),
@@ -147,8 +145,7 @@ def test_function_matches_reference(kind, normalize, batched, heterogeneous, fus
         head_params=model.head_parameters(),
         normalize=normalize,
         batched=batched,
-        boundary=boundary,
-        linear_record=linear_record,
+        record=record,
     )
     check(model, expected)
 
@@ -170,12 +167,11 @@ def test_strategy_backward_matches_reference(kind, normalize, mask_forward, hete
     strategy.context = TrainingContext(model, [None] * T, None, None)
     strategy.set_mask(mask)
     model.zero_grad(set_to_none=True)
-    model.pop_forward_record()
     masks = [strategy.forward_mask(t) for t in range(T)]
-    losses = task_losses(model, xs, ys, None if not mask_forward else masks)
-    strategy.backward(losses)
+    record = strategy.forward_record()
+    losses = task_losses(model, xs, ys, None if not mask_forward else masks, record=record)
+    strategy.backward(losses, record)
     check(model, expected)
-    assert model.pop_forward_record() == ((), 0)  # the backward took the record
 
 
 def test_full_masks_equal_dense_mtl():
@@ -183,15 +179,15 @@ def test_full_masks_equal_dense_mtl():
     xs, ys = make_data(False)
     ones = [torch.ones(T, *p.shape, dtype=torch.bool) for p in model.masked_parameters()]
     full = fk.PackedMask.from_bool_stacked(ones)
-    losses = task_losses(model, xs, ys)
-    boundary, _ = model.pop_forward_record()
+    record = ForwardRecord()
+    losses = task_losses(model, xs, ys, record=record)
     fsmtl.masked_multitask_backward(
         losses,
         model.masked_parameters(),
         full,
         dense_params=model.dense_shared_parameters(),
         head_params=model.head_parameters(),
-        boundary=boundary,
+        record=record,
         batched=False,
     )
     ours = [p.grad.clone() for p in model.parameters()]
@@ -201,46 +197,59 @@ def test_full_masks_equal_dense_mtl():
         torch.testing.assert_close(a, p.grad, atol=1e-13, rtol=1e-12)
 
 
-def test_boundary_split_top_masks_leave_bottom_layers_below():
-    model = make_model("top2")
+def boundary_path(kind):
+    """The path of one masked backward of the ``kind`` trunk with the record of its forward."""
+    model = make_model(kind)
     xs, ys = make_data(False)
-    losses = task_losses(model, xs, ys)
-    boundary, _ = model.pop_forward_record()
-    below, above, cut = _dense_split(losses, model.dense_shared_parameters(), boundary)
-    assert len(below) == 4 and above == [] and len(cut) == 1  # layers 0 and 2 run once, below the cut
+    record = ForwardRecord()
+    losses = task_losses(model, xs, ys, record=record)
+    dense = model.dense_shared_parameters()
+    path = fsmtl.masked_multitask_backward(
+        losses, model.masked_parameters(), make_mask(model), dense_params=dense,
+        head_params=model.head_parameters(), record=record, batched=False,
+    )  # fmt: skip
+    return path, record, dense
+
+
+def test_boundary_split_top_masks_leave_bottom_layers_below():
+    path, record, dense = boundary_path("top2")
+    assert len(record.boundary) == 1
+    assert path.below == (0, 1, 2, 3) == tuple(range(len(dense)))  # layers 0 and 2 run once, below the cut
 
 
 def test_boundary_split_keeps_bypassed_parameters_per_task():
     """The skip connection reaches layer ``a`` around the boundary; ``top`` lies above it."""
-    model = make_model("skip")
-    xs, ys = make_data(False)
-    losses = task_losses(model, xs, ys)
-    boundary, _ = model.pop_forward_record()
-    below, above, _ = _dense_split(losses, model.dense_shared_parameters(), boundary)
-    assert below == []
-    assert [id(p) for p in above] == [id(p) for p in model.dense_shared_parameters()]
+    path, record, dense = boundary_path("skip")
+    assert record.boundary and path.below == () and dense
 
 
 def test_no_boundary_recorded_without_grad_or_dense_layers():
     model = make_model("top2")
     xs, _ = make_data(False)
+    record = ForwardRecord()
     with torch.no_grad():
-        model.features(xs[0])
-    assert model.pop_forward_record() == ((), 0)
+        model.features(xs[0], record=record)
+    assert (record.boundary, record.trunk_forwards, record.linears) == ((), 0, [])
     full = make_model("full")
-    full.features(xs[0])
-    assert full.pop_forward_record()[0] == ()
+    full.features(xs[0], record=record)
+    assert record.boundary == () and record.trunk_forwards == 1 and len(record.linears) == 4
 
 
-def test_model_with_a_live_record_deep_copies():
+def test_a_forward_without_a_record_leaves_nothing_on_the_model():
+    """The record is the caller's: a model that ran forwards deep-copies and pickles as before."""
     import copy
+    import pickle
 
     model = make_model("top2")
     xs, _ = make_data(False)
+    record = ForwardRecord()
+    model.features(xs[0], record=record)
+    before = dict(vars(model))
     model.features(xs[0])
-    clone = copy.deepcopy(model)
-    assert clone.pop_forward_record() == ((), 0)
-    assert model.pop_forward_record()[1] == 1
+    assert dict(vars(model)).keys() == before.keys()
+    assert record.trunk_forwards == 1  # the second forward had no record
+    copy.deepcopy(model)
+    pickle.loads(pickle.dumps(model))
 
 
 def test_bad_batched_value():
@@ -249,6 +258,10 @@ def test_bad_batched_value():
     with pytest.raises(ValueError, match="batched"):
         fsmtl.masked_multitask_backward(
             task_losses(model, xs, ys), model.masked_parameters(), make_mask(model), head_params=(), batched="yes"
+        )
+    with pytest.raises(TypeError, match="not their sum"):
+        fsmtl.masked_multitask_backward(
+            sum(task_losses(model, xs, ys)), model.masked_parameters(), make_mask(model), head_params=()
         )
     with pytest.raises(ValueError, match="batched_grads"):
         RandomSparse(0.5, batched_grads="sometimes")
@@ -271,10 +284,11 @@ def test_batched_mode_holds_at_most_t_times_the_largest_parameter(monkeypatch):
         return out
 
     monkeypatch.setattr(torch.autograd, "grad", spy)
-    fsmtl.masked_multitask_backward(
+    path = fsmtl.masked_multitask_backward(
         task_losses(model, xs, ys), model.masked_parameters(), mask, head_params=model.head_parameters(), batched=True
     )
     # chunks of max(1, T * largest // total) tasks
+    assert path.batched and path.task_chunk == max(1, T * largest // total)
     assert len(seen) > 1 and max(seen) <= max(T * largest, total) < T * total
 
 
@@ -327,13 +341,11 @@ def test_stream_one_task_at_a_time_matches_reference(kind, normalize, mask_forwa
             with pytest.raises(RuntimeError):  # the graph was freed: one task graph alive at a time
                 loss.backward()
         stream.finish()
-    model.pop_forward_record()
     check(model, expected)
     streamed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     losses = [((model(xs[t], t, masks[t]) - ys[t]) ** 2).mean() for t in range(T)]
     fsmtl.masked_multitask_backward(losses, *args, batched=False, **kwargs)
-    model.pop_forward_record()
     for s, p in zip(streamed, model.parameters(), strict=True):
         assert torch.equal(s, p.grad)
 
@@ -358,7 +370,6 @@ def test_stream_misuse_is_named_and_writes_nothing():
             stream.backward(0, ((model(xs[0], 0) - ys[0]) ** 2).mean())
         with pytest.raises(ValueError, match=r"task\(s\) \[1, 2\]"):
             stream.finish()
-    model.pop_forward_record()
     assert all(p.grad is None for p in model.masked_parameters())
     assert not any(p._post_accumulate_grad_hooks for p in params)  # hooks removed
 
@@ -378,13 +389,13 @@ def recorded_step(trunk, seed, normalize):
     """A float64 model over ``trunk`` recording its Linear calls, a mask, the reference .grad, and
     one step's losses with the record of their forward."""
     model = fsmtl.MultiTaskModel(trunk, [nn.Linear(8, 1) for _ in range(T)]).double()
-    model.record_linear_calls = True
     mask = make_mask(model, seed=seed)
     xs, ys = make_data(heterogeneous=False)
     expected = reference_grads(model, mask, xs, ys, normalize, mask_forward=False)
     model.zero_grad(set_to_none=True)
-    losses = task_losses(model, xs, ys)
-    return model, mask, expected, losses, model.linear_record()
+    record = ForwardRecord()
+    losses = task_losses(model, xs, ys, record=record)
+    return model, mask, expected, losses, record
 
 
 class TiedTrunk(nn.Module):
@@ -416,39 +427,39 @@ def test_linear_record_falls_back_where_the_fused_weight_gradient_would_be_wrong
     must not take these weights (their gradient is not one G^T X), and .grad stays exact."""
     torch.manual_seed(0)
     model, mask, expected, losses, record = recorded_step(SPECIAL_TRUNKS[name](), seed=6, normalize="tasks")
-    fused = fsmtl.gradients._fusable_linears(record, losses, model.masked_parameters())
-    names = dict(enumerate(model._masked_names))
-    taken = sorted(names[i] for i in fused)
-    expected_taken = {"inplace-relu": ["2.weight"], "tied-and-reused": ["inp.weight"], "3d-input": ["3.weight"]}
-    assert taken == expected_taken[name]
-    model.pop_forward_record()
-    fsmtl.masked_multitask_backward(
+    path = fsmtl.masked_multitask_backward(
         losses,
         model.masked_parameters(),
         mask,
         head_params=model.head_parameters(),
         batched=False,
-        linear_record=record,
+        record=record,
     )
     check(model, expected)
+    names = model.masked_parameter_names()
+    expected_taken = {"inplace-relu": ["2.weight"], "tied-and-reused": ["inp.weight"], "3d-input": ["3.weight"]}
+    assert sorted(names[i] for i in path.fused) == expected_taken[name]
 
 
 def test_linear_calls_are_recorded_only_for_a_masked_backward_that_takes_them():
-    """Off by default (a record keeps its forward's graph alive until taken); a sparse strategy
-    turns it on when bound and its backward takes the record every step."""
+    """A forward records nothing unless given a record; a sparse strategy's record asks for the
+    Linear calls, and its backward takes the fused path with it."""
     torch.manual_seed(0)
     model = fsmtl.MultiTaskModel(sequential_trunk(), [nn.Linear(8, 1) for _ in range(T)]).double()
     xs, ys = make_data(heterogeneous=False)
-    model.features(xs[0])
-    assert model.linear_record() == []
+    plain = ForwardRecord(linear_calls=False)
+    model.features(xs[0], record=plain)
+    assert plain.linears == [] and plain.trunk_forwards == 1
     strategy = RandomSparse(0.5)
     strategy.bind(TrainingContext(model, [None] * T, None, None))
-    assert model.record_linear_calls
-    losses = task_losses(model, xs, ys)
-    assert [r[0] for r in model.linear_record()] == [0, 2, 4, 6]  # the 4 Linear weights, in call order
+    record = strategy.forward_record()
+    losses = task_losses(model, xs, ys, record=record)
+    assert [r[0] for r in record.linears] == [0, 2, 4, 6]  # the 4 Linear weights, in call order
     strategy.set_mask(make_mask(model))
-    strategy.backward(losses)
-    assert model.linear_record() == []  # taken by the backward
+    expected = reference_grads(model, strategy.mask, xs, ys, "tasks", mask_forward=False)
+    model.zero_grad(set_to_none=True)
+    strategy.backward(losses, record)
+    check(model, expected)
 
 
 @pytest.mark.parametrize("tasks_per_chunk", [1, 2, T])
@@ -468,44 +479,32 @@ def test_linear_record_takes_the_fused_path_in_chunks(monkeypatch, tasks_per_chu
     xs, ys = make_data(heterogeneous=False)
     expected = reference_grads(model, mask, xs, ys, "tasks", mask_forward=False)
     model.zero_grad(set_to_none=True)
-    losses = task_losses(model, xs, ys)
-    record = model.linear_record()
-    model.pop_forward_record()
-    monkeypatch.setattr(fsmtl.gradients, "_fused_chunk", lambda *args: tasks_per_chunk)
+    record = ForwardRecord()
+    losses = task_losses(model, xs, ys, record=record)
     heads = model.head_parameters()
-    fsmtl.masked_multitask_backward(
-        losses, model.masked_parameters(), mask, head_params=heads, batched=False, linear_record=record
-    )
+    path = fsmtl.masked_multitask_backward(
+        losses, model.masked_parameters(), mask, head_params=heads, batched=False, record=record,
+        task_chunk_size=tasks_per_chunk,
+    )  # fmt: skip
     check(model, expected)
+    assert path.fused == (0, 2, 4, 6) and path.task_chunk == tasks_per_chunk and not path.batched
     firsts = list(range(0, T, tasks_per_chunk))
     assert sorted(calls) == sorted((i, f, min(tasks_per_chunk, T - f)) for i in (0, 2, 4, 6) for f in firsts)
 
 
-def test_fused_linear_beside_large_convolutions_keeps_the_per_layer_hooks(monkeypatch):
+def test_fused_linear_beside_large_convolutions_keeps_the_per_layer_hooks():
     """Convolutions hold most masked entries: their gradients stay on the per-layer hooks (cache)
     while the Linear weight takes the fused op; .grad is the reference's."""
-    calls = []
-    original = fk.masked_matmul_accumulate
-    monkeypatch.setattr(fk, "masked_matmul_accumulate", lambda *a, **k: (calls.append(a[4]), original(*a, **k))[1])
     torch.manual_seed(0)
     trunk = nn.Sequential(
         nn.Unflatten(1, (1, DIM)), nn.Conv1d(1, 64, 3, padding=1), nn.Tanh(), nn.Conv1d(64, 64, 3, padding=1),
         nn.ReLU(), nn.Flatten(), nn.Linear(64 * DIM, 8),
     )  # fmt: skip
     model, mask, expected, losses, record = recorded_step(trunk, seed=9, normalize="selected")
-    model.pop_forward_record()
-    hooked = []
-    stream_init = fsmtl.gradients._Stream.__init__
-
-    def spy_init(self, *args, **kwargs):
-        stream_init(self, *args, **kwargs)
-        hooked.append(self.hooked)
-
-    monkeypatch.setattr(fsmtl.gradients._Stream, "__init__", spy_init)
     heads = model.head_parameters()
-    fsmtl.masked_multitask_backward(
+    path = fsmtl.masked_multitask_backward(
         losses, model.masked_parameters(), mask, head_params=heads, normalize="selected", batched=False,
-        linear_record=record,
+        record=record,
     )  # fmt: skip
     check(model, expected)
-    assert hooked == [True] and calls == [4]  # the Linear weight is masked parameter 4
+    assert path.hooked and path.fused == (4,)  # the Linear weight is masked parameter 4

@@ -6,9 +6,10 @@ from torch import nn
 
 import fsmtl
 import fsmtl_kernels as fk
-from fsmtl.data import Split, Task
+from fsmtl.data import Split
 from fsmtl.estimators import task_scores
-from fsmtl.losses import class_log_probs, task_loss
+from fsmtl.tasks import Task
+from fsmtl.tasks.losses import class_log_probs, task_loss
 
 TASKS = [Task("a", "binary", 1), Task("b", "multiclass", 3), Task("c", "regression", 1)]
 

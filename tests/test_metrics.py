@@ -8,15 +8,14 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from fsmtl.data import Task
-from fsmtl.metrics import (
+from fsmtl.tasks import TASK_KINDS, Task
+from fsmtl.tasks.metrics import (
     METRIC_DIRECTION,
     average_metrics,
     average_rank,
     segmentation_confusion,
     task_metrics,
 )
-from fsmtl.tasks import TASK_KINDS
 
 BINARY = Task("b", "binary", 1)
 MULTI = Task("m", "multiclass", 3)

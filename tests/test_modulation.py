@@ -1,18 +1,20 @@
-"""SE, task routing and maximum roaming: per-task modulation of the trunk's activations."""
+"""SE, task routing and maximum roaming: per-task modulation of the trunk's activations (the
+architectures of the composed methods, here with equal weights as the plain ``se``/``tr``/``mr``)."""
 
 import pytest
 import torch
 from torch import nn
 
 import fsmtl
-from fsmtl.data import Split, Task
-from fsmtl.losses import task_loss
+from fsmtl.data import Split
 from fsmtl.models import cnn_trunk
-from fsmtl.strategies import METHODS, TrainingContext
-from fsmtl.strategies.modulation.base import modulation_points
-from fsmtl.strategies.modulation.roaming import MaximumRoaming
-from fsmtl.strategies.modulation.routing import TaskRouting
-from fsmtl.strategies.modulation.se import TaskSqueezeExcitation
+from fsmtl.strategies import METHODS, Composed, EqualWeighting, TrainingContext
+from fsmtl.strategies.architecture.base import modulation_points
+from fsmtl.strategies.architecture.roaming import MaximumRoaming
+from fsmtl.strategies.architecture.routing import TaskRouting
+from fsmtl.strategies.architecture.se import TaskSqueezeExcitation
+from fsmtl.tasks import Task
+from fsmtl.tasks.losses import task_loss
 
 TASKS = [Task("a", "binary", 1), Task("b", "binary", 1), Task("c", "multiclass", 3)]
 
@@ -40,7 +42,14 @@ def context(model, split, seed=0):
     return TrainingContext(model, TASKS, sample, torch.Generator().manual_seed(seed))
 
 
+def equal(architecture):
+    """The architecture with equal weights: what the plain method name builds."""
+    return Composed(architecture, EqualWeighting())
+
+
 def fit(strategy, model, split, epochs=1):
+    if not isinstance(strategy, Composed):
+        strategy = equal(strategy)
     trainer = fsmtl.Trainer(model, TASKS, strategy, torch.optim.Adam(model.parameters(), 1e-2))
     trainer.fit(split, epochs=epochs, batch_size=8)
     return trainer
@@ -88,7 +97,7 @@ def test_task_routing_masks_are_fixed_with_the_keep_ratio_per_layer(keep_ratio, 
 
 def test_task_routing_trains_shared_weights_densely():
     model, split = cnn_model(), data()
-    tr = TaskRouting(0.5)
+    tr = equal(TaskRouting(0.5))
     tr.bind(context(model, split))
     x, ys = split.inputs[0][:8], [y[:8] for y in split.targets]
     losses = [task_loss(task, model(x, t), y[:8]) for t, (task, y) in enumerate(zip(TASKS, ys))]
@@ -134,7 +143,7 @@ def test_maximum_roaming_on_the_run_schedule_roams_in_a_short_run():
     # What `fsmtl run --warmup 1 --update-every 1` builds: roam at the start of epochs 1 and 2.
     mr = METHODS["mr"].build(MethodOptions(keep_ratio=0.5, schedule=MaskSchedule(warmup=1, every=1)))
     fit(mr, model, split, epochs=3)  # 12 steps, fewer than the step default of 100
-    assert mr.updates == 2
+    assert mr.architecture.updates == 2
     with pytest.raises(TypeError, match="schedule"):
         MaximumRoaming(0.5, schedule=2)
 
@@ -142,7 +151,8 @@ def test_maximum_roaming_on_the_run_schedule_roams_in_a_short_run():
 def test_se_parameters_are_per_task_and_trained_by_their_task_only():
     model, split = cnn_model(), data()
     se = TaskSqueezeExcitation()
-    se.bind(context(model, split))
+    strategy = equal(se)
+    strategy.bind(context(model, split))
     assert len(se.se_modules) == 3 and [m.fc1.in_features for m in se.se_modules[0]] == [32, 10]
     owned = [list(m.parameters()) for m in se.se_modules]
     assert not set(map(id, owned[0])) & set(map(id, owned[1]))
@@ -153,7 +163,7 @@ def test_se_parameters_are_per_task_and_trained_by_their_task_only():
     other = torch.autograd.grad(losses[1], owned[0], retain_graph=True, allow_unused=True)
     assert all(g is None for g in other)
     per_task = [torch.autograd.grad(v, model.shared_parameters(), retain_graph=True) for v in losses]
-    se.backward(losses)
+    strategy.backward(losses)
     for p, g in zip(owned[0], own):
         torch.testing.assert_close(p.grad, g)
     for i, p in enumerate(model.shared_parameters()):  # shared weights: dense task average
@@ -162,8 +172,8 @@ def test_se_parameters_are_per_task_and_trained_by_their_task_only():
     before = [p.detach().clone() for p in params]
     moved = [bool((p.grad != 0).any()) for p in params]
     assert sum(moved) > len(params) // 2
-    se.before_optimizer_step()
-    se.after_optimizer_step()  # the strategy's own optimizer steps the SE parameters
+    strategy.before_optimizer_step()
+    strategy.after_optimizer_step()  # the architecture's own optimizer steps the SE parameters
     assert [not torch.equal(a, b) for a, b in zip(before, params)] == moved
     assert all(p.grad is None for p in params)
 

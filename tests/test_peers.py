@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 import fsmtl
-from fsmtl.data import Split, Task
-from fsmtl.losses import task_loss
+from fsmtl.data import Split
 from fsmtl.strategies import METHODS, TrainingContext
-from fsmtl.strategies.balancing.gradnorm import GradNorm
-from fsmtl.strategies.balancing.mgda_ub import MGDAUB
-from fsmtl.strategies.balancing.rlw import RandomLossWeighting
+from fsmtl.strategies.weighting.gradnorm import GradNorm
+from fsmtl.strategies.weighting.mgda_ub import MGDAUB
+from fsmtl.strategies.weighting.rlw import RandomLossWeighting
+from fsmtl.tasks import Task
+from fsmtl.tasks.losses import task_loss
 
 TASKS = [Task("a", "binary", 1), Task("b", "regression", 1), Task("c", "multiclass", 3)]
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from test_data import _write_cityscapes, _write_set
 
-from fsmtl.cli import main
 from fsmtl.data import BENCHMARKS, load_benchmark
 from fsmtl.data.celeba_groups import GROUPS
-from fsmtl.experiment import ExperimentConfig, run_experiment
-from fsmtl.presets import PRESETS, resolve_settings
+from fsmtl.run.cli import main
+from fsmtl.run.experiment import ExperimentConfig, run_experiment
+from fsmtl.run.presets import PRESETS, resolve_settings
 
 ATTRIBUTES = [a for attrs in GROUPS.values() for a in attrs]
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md section 10): keep ratios chosen on validation with selection
+"""The evaluation protocol: keep ratios chosen on validation with selection
 seeds, test scores reported on other seeds, sample std, paired tests against MTL and FS."""
 
 import itertools
@@ -7,11 +7,11 @@ import statistics
 
 import pytest
 
-from fsmtl import experiment
 from fsmtl.data import load_benchmark
-from fsmtl.experiment import ExperimentConfig, run_experiment
-from fsmtl.report import format_table, plot_keep_ratio_curves
-from fsmtl.stats import format_p, paired_tests, sample_std
+from fsmtl.run import experiment
+from fsmtl.run.experiment import ExperimentConfig, run_experiment
+from fsmtl.run.report import format_table, plot_keep_ratio_curves
+from fsmtl.run.stats import format_p, paired_tests, sample_std
 
 
 @pytest.fixture(scope="module")

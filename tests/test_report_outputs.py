@@ -1,4 +1,4 @@
-"""What ``fsmtl run`` writes (issue 16): results.json's metadata, the CSV's mean/std/per-seed rows,
+"""What ``fsmtl run`` writes: results.json's metadata, the CSV's mean/std/per-seed rows,
 figures with error bars, axes from 0 and titles saying what is averaged, the overlap averaged over
 seeds with the random-mask reference, the small-test-split warning, and the per-run progress."""
 
@@ -15,8 +15,8 @@ import sys
 import matplotlib.figure
 import pytest
 
-from fsmtl import report
-from fsmtl.progress import Progress
+from fsmtl.run import report
+from fsmtl.run.progress import Progress
 
 ARGS = ["run", "--benchmark", "synthetic", "-o", "n_samples=200", "-o", "task_kind=binary", "--methods", "mtl,fs",
         "--seeds", "0,1", "--keep-ratios", "0.5", "--epochs", "3", "--warmup", "1", "--update-every", "1",
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     """One tiny run in a fresh process (its stderr as a user sees it)."""
     out = tmp_path_factory.mktemp("report")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "fsmtl.cli", *ARGS, "--out", str(out)], env=env,
+    done = subprocess.run([sys.executable, "-m", "fsmtl", *ARGS, "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return out, json.loads((out / "results.json").read_text()), done.stderr

@@ -63,7 +63,7 @@ def test_bad_options(options, error):
 
 
 def test_the_peers_run_on_shapes_from_the_command(tmp_path, capsys):
-    from fsmtl.cli import main
+    from fsmtl.run.cli import main
 
     out = tmp_path / "out"
     args = ["run", "--benchmark", "shapes", "-o", "n_train=48", "-o", "n_val=32", "-o", "n_test=32", "--seeds", "0"]
@@ -85,7 +85,7 @@ def test_the_peers_run_on_shapes_from_the_command(tmp_path, capsys):
 
 
 def test_missing_solvers_are_refused_before_training(capsys):
-    from fsmtl.cli import main
+    from fsmtl.run.cli import main
     from fsmtl.strategies import METHODS
 
     missing = METHODS["cagrad"].missing_packages()

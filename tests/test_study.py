@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from fsmtl import study as study_module
-from fsmtl.cli import main
-from fsmtl.study import expand, load_spec, run_study
+from fsmtl.run import study as study_module
+from fsmtl.run.cli import main
+from fsmtl.run.study import expand, load_spec, run_study
 
 SPEC = {
     "name": "tiny",

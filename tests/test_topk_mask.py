@@ -46,7 +46,7 @@ def bits(mask: fk.PackedMask, task: int = 0) -> list[list[bool]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Semantics (DESIGN.md section 2), every backend
+# Semantics (exactly k, ties by position, -0 == +0, inf largest), every backend
 # ---------------------------------------------------------------------------------------------
 
 

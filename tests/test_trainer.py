@@ -1,4 +1,4 @@
-"""Trainer boundary checks (every misuse of issue 11: error type, the task named, nothing
+"""Trainer boundary checks (every misuse: error type, the task named, nothing
 modified), DataLoader vs Split, counters across fit calls, validation, schedulers, bf16 autocast."""
 
 import json
@@ -10,9 +10,10 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 import fsmtl
-from fsmtl.data import Split, Task
+from fsmtl.data import Split
 from fsmtl.gradients import masked_multitask_backward
 from fsmtl.strategies import EqualWeighting, FisherSparse, MaskSchedule, RandomSparse
+from fsmtl.tasks import Task
 
 TASKS = [Task("smile", "binary", 1), Task("age", "regression", 1), Task("digit", "multiclass", 3)]
 
@@ -275,7 +276,7 @@ def test_validation_history_log_best_epoch_restore_and_early_stopping(tmp_path):
     assert [e["epoch"] for e in entries] == [1, 3] == [e["epoch"] for e in trainer.history["val"]]
     best = max(entries, key=lambda e: e["score"])
     assert trainer.history["best_epoch"] == best["epoch"]
-    from fsmtl.trainer import primary_score
+    from fsmtl.engine.trainer import primary_score
 
     assert primary_score(TASKS, trainer.evaluate(val)) == pytest.approx(best["score"], abs=1e-12)
 

@@ -9,12 +9,12 @@ import torch
 import fsmtl
 from fsmtl.data import load_benchmark
 from fsmtl.estimators import task_scores
-from fsmtl.experiment import ExperimentConfig, run_experiment
-from fsmtl.losses import task_loss
 from fsmtl.models import build_model
+from fsmtl.run.experiment import ExperimentConfig, run_experiment
 from fsmtl.strategies import METHODS, MaskSchedule, MethodOptions
 from fsmtl.strategies.sparse.random import RandomSparse
 from fsmtl.strategies.sparse.variants import masked_network_scores, per_layer_topk, task_masks
+from fsmtl.tasks.losses import task_loss
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import torch
 PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 STOP = threading.Event()
-"""Set by the SIGINT/SIGTERM handler of :func:`fsmtl.resume.stop_on_signals`; a Trainer checks it
+"""Set by the SIGINT/SIGTERM handler of :func:`fsmtl.run.resume.stop_on_signals`; a Trainer checks it
 after every step and, when set, writes a checkpoint and raises :class:`TrainingInterrupted`."""
 
 

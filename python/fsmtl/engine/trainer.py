@@ -202,7 +202,7 @@ class Trainer:
         trains exactly as ``fit(epochs=6)``.
 
         Args:
-            train: a ``Split``, or ``torch.utils.data`` data (see :mod:`fsmtl.data.loaders`).
+            train: a ``Split``, or ``torch.utils.data`` data (see :mod:`fsmtl.engine.sources`).
             epochs: number of epochs (a ``Split`` epoch is ``ceil(n / batch_size)`` steps,
                 heterogeneous tasks cycling through their own shuffled data, the largest setting ``n``).
             batch_size: examples per task per step (for a ``Split`` or datasets; loaders keep theirs).

@@ -130,7 +130,7 @@ def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) ->
         "--preset",
         choices=sorted(PRESETS),
         default=D(None),
-        help="the paper's settings for a benchmark (model, batch, optimiser, epochs; sources in fsmtl.presets); "
+        help="the paper's settings for a benchmark (model, batch, optimiser, epochs; sources in fsmtl.run.presets); "
         "add the data paths with -o; options given here win",
     )
     run.add_argument(
@@ -289,7 +289,7 @@ def run_command(args) -> int:
             kept = len(getattr(stop, "finished_runs", []))
             where = f"stopped during {stop.interrupted_run}" if getattr(stop, "interrupted_run", None) else "stopped"
             if store is not None:
-                interrupted(store, stop)  # DIR/partial-results.json, as issue 11 wrote it
+                interrupted(store, stop)  # DIR/partial-results.json: the checkpoint dir's finished runs
                 how = f"continue with: fsmtl run --resume {store.directory}"
             else:
                 how = "no --checkpoint-dir, so a new run starts over (add --checkpoint-dir DIR to make runs resumable)"

@@ -114,7 +114,7 @@ def train_once(
     benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None, store=None
 ) -> dict:
     """Train one method with one seed; returns val and test metrics per task, history, mask info.
-    With a :class:`fsmtl.resume.RunStore`, a finished run is read back and an interrupted one resumed."""
+    With a :class:`fsmtl.run.resume.RunStore`, a finished run is read back and an interrupted one resumed."""
     spec = get_method(method)
     if not spec.single_task:
         return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress, store)

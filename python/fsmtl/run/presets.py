@@ -1,7 +1,7 @@
 """Run presets (``fsmtl run --preset NAME``): a benchmark with the paper's model and training
 settings, each number with where it comes from. Options given on the command line win over the
 preset; the preset wins over the benchmark's run defaults (:attr:`BenchmarkEntry.run_defaults`),
-which win over :class:`~fsmtl.experiment.ExperimentConfig`'s defaults."""
+which win over :class:`~fsmtl.run.experiment.ExperimentConfig`'s defaults."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 @dataclass(frozen=True)
 class Preset:
     """One preset: ``benchmark``, its options (the user adds the data paths with ``-o``), run
-    settings (:class:`~fsmtl.experiment.ExperimentConfig` fields) and the source of each value."""
+    settings (:class:`~fsmtl.run.experiment.ExperimentConfig` fields) and the source of each value."""
 
     benchmark: str
     description: str
@@ -24,7 +24,7 @@ class Preset:
 
 _MR = (
     "the maximum-roaming CelebA harness (Pascal et al., AAAI 2021, code lucaspascal/"
-    "Maximum-Roaming-Mutli-Task-Learning) as issue 13 states it; not re-checked against that code offline"
+    "Maximum-Roaming-Mutli-Task-Learning) as this project read it; not re-checked against that code offline"
 )
 _MTAN = (
     "MTAN (Liu, Johns and Davison, CVPR 2019) and LibMTL's Cityscapes setting, from our reading of "

@@ -8,7 +8,7 @@ Layout of DIR::
         ckpt-<step>.pt            Trainer checkpoints (atomic, newest kept)
         result.pt                 the finished run's result (atomic); its presence means "done"
 
-Every file is written atomically (:mod:`fsmtl.checkpoint`), so ``kill -9`` at any moment leaves a
+Every file is written atomically (:mod:`fsmtl.engine.checkpoint`), so ``kill -9`` at any moment leaves a
 directory that resumes: finished runs are read back, the interrupted one continues from its newest
 checkpoint bit for bit, and the final results equal an uninterrupted run's (timing fields aside).
 """
@@ -122,7 +122,7 @@ def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | 
         settings = json.loads(path.read_text())
     store = RunStore(directory, every=settings.pop("checkpoint_every"))
     out = Path(settings.pop("out"))
-    if is_main_process():  # other ranks keep the scratch folder fsmtl.distributed gave them
+    if is_main_process():  # other ranks keep the scratch folder fsmtl.run.launcher gave them
         args.out = out
     return settings, store
 
@@ -142,7 +142,7 @@ def _jsonable(value):
 @contextmanager
 def stop_on_signals():
     """While active, SIGINT and SIGTERM ask training to stop after the current step (a Trainer then
-    writes a checkpoint and raises :class:`~fsmtl.checkpoint.TrainingInterrupted`); a second signal
+    writes a checkpoint and raises :class:`~fsmtl.engine.checkpoint.TrainingInterrupted`); a second signal
     before that raises ``KeyboardInterrupt`` at once (for a step that takes too long)."""
     ckpt.STOP.clear()
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -1,4 +1,4 @@
-"""Spreads and paired significance tests over seeds (DESIGN.md section 10).
+"""Spreads and paired significance tests over seeds, as the evaluation protocol reports them.
 
 Every method is trained on the same reported seeds, so two methods' scores on one seed form a
 pair; :func:`paired_tests` compares them with the paired t-test and the Wilcoxon signed-rank test

@@ -50,7 +50,7 @@ def task_metrics(task: Task, outputs: torch.Tensor, targets: torch.Tensor) -> di
         depth: abs_err, rel_err over pixels with target != 0.
     """
     if not isinstance(task, Task):
-        raise TypeError(f"task must be a fsmtl.data.Task, got {type(task).__name__}")
+        raise TypeError(f"task must be a fsmtl.Task, got {type(task).__name__}")
     if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
         raise TypeError("outputs and targets must be torch.Tensor")
     outputs, targets = outputs.detach().cpu(), targets.detach().cpu()

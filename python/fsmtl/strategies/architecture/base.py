@@ -17,7 +17,7 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tan
 
 def modulation_points(trunk: nn.Module) -> list[str]:
     """Names of the trunk modules whose outputs are modulated per task: ``trunk.modulation_points``
-    when the trunk defines it (the backbones of :mod:`fsmtl.backbones`: the output of each conv
+    when the trunk defines it (the backbones of :mod:`fsmtl.models`: the output of each conv
     block), else every activation module (:data:`ACTIVATIONS`) used once per forward."""
     names = getattr(trunk, "modulation_points", None)
     if names is not None:

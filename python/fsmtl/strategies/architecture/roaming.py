@@ -13,7 +13,7 @@ from .routing import random_unit_masks
 
 class MaximumRoaming(ActivationModulation):
     """Per-task unit masks with a share ``keep_ratio`` of ones (the sharing ratio p), initialised
-    at random as in :class:`~fsmtl.strategies.modulation.routing.TaskRouting`; every ``every``
+    at random as in :class:`~fsmtl.strategies.architecture.routing.TaskRouting`; every ``every``
     optimizer steps, for every point and task, one active unit leaves the mask and one unit the
     task has not visited yet in the current cycle joins it (both uniformly at random, from the
     strategy's generator). Once a task has visited every unit of a point, its visited set restarts
