@@ -82,10 +82,7 @@ def main() -> None:
         }
         ms = per_step_ms(bench, method, peers, args.epochs, args.repeats)
         split, dataset, user = ms["Split"], ms["Dataset"], ms["DataLoader"]
-        print(
-            f"| {method} | {split:.3f} | {dataset:.3f} | {user:.3f} | "
-            f"{dataset / split:.3f} | {user / split:.3f} |"
-        )
+        print(f"| {method} | {split:.3f} | {dataset:.3f} | {user:.3f} | {dataset / split:.3f} | {user / split:.3f} |")
     trainer = make(bench, "fs", fsmtl.Trainer)
     trainer.fit(bench.train, epochs=1, batch_size=64)
     with tempfile.TemporaryDirectory() as directory:

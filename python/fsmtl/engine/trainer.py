@@ -150,7 +150,10 @@ class Trainer:
         )
         if self.gradient_sync is not None and fisher_data is not None:
             sample = self.gradient_sync.shard_sampler(sample)  # each rank scores its share of the N samples
-        self.strategy.bind(TrainingContext(self.model, self.tasks, sample, self.strategy_generator))
+        context = TrainingContext(
+            self.model, self.tasks, sample, self.strategy_generator, has_data=fisher_data is not None
+        )
+        self.strategy.bind(context)
         self.strategy_bound = True
 
     def state_dict(self) -> dict:

@@ -27,15 +27,17 @@ Sampler = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
 class TrainingContext:
     """What a strategy may use: the model, the tasks, ``sample(t, n) -> (inputs, targets)``
     drawing ``n`` training examples of task ``t`` on the model's device, the strategy's own
-    random generator, and ``task_parameters``: trainable tensors besides the heads that each
-    belong to one task (an architecture's per-task modules), which a weighting treats like the
-    heads."""
+    random generator, ``task_parameters``: trainable tensors besides the heads that each belong
+    to one task (an architecture's per-task modules), which a weighting treats like the heads,
+    and ``has_data``: False when bound without training data (a state loaded before ``fit``),
+    where ``sample`` raises."""
 
     model: MultiTaskModel
     tasks: Sequence[Task]
     sample: Sampler
     generator: torch.Generator
     task_parameters: Sequence[torch.Tensor] = ()
+    has_data: bool = True
 
 
 class Strategy(ABC):

@@ -93,10 +93,37 @@ class ActivationModulation(Architecture):
             raise ValueError(f"modulation points must name trunk modules; unknown {unknown} (of {len(modules)})")
         for h in self._hooks:
             h.remove()
-        if self.channels is None:
+        if self.channels is None and context.has_data:
+            # Without data (a state loaded before fit) the per-task state is built from the saved
+            # channel counts instead (load_state_dict).
             self.channels = self._probe(context, [modules[p] for p in self.points])
-            self.build(self.channels, len(context.tasks), next(trunk.parameters()).device)
+            self._build()
         self._hooks = [modules[p].register_forward_hook(self._hook(i)) for i, p in enumerate(self.points)]
+
+    def _build(self) -> None:
+        like = next(self.context.model.trunk.parameters())
+        self.build(self.channels, len(self.context.tasks), like.device, like.dtype)
+
+    def state_dict(self) -> dict:
+        return {"channels": self.channels, "own": self.own_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"channels", "own"}:
+            raise ValueError(f"not the state of {type(self).__name__}: keys {sorted(state)}")
+        if self.channels is None:
+            self.channels = list(state["channels"])
+            self._build()
+        elif list(state["channels"]) != self.channels:
+            raise ValueError(f"the state has channels {state['channels']}, this trunk's points have {self.channels}")
+        self.load_own_state(state["own"])
+
+    @abstractmethod
+    def own_state(self) -> dict:
+        """The per-task state (masks, modules) for :meth:`state_dict`."""
+
+    @abstractmethod
+    def load_own_state(self, state: dict) -> None:
+        """Restore :meth:`own_state`."""
 
     @staticmethod
     def _probe(context: TrainingContext, modules: list[nn.Module]) -> list[int]:
@@ -146,7 +173,7 @@ class ActivationModulation(Architecture):
         return gate.reshape(*gate.shape, *[1] * (output.dim() - 2))
 
     @abstractmethod
-    def build(self, channels: list[int], num_tasks: int, device: torch.device) -> None:
+    def build(self, channels: list[int], num_tasks: int, device: torch.device, dtype: torch.dtype) -> None:
         """Create the per-task state for points with ``channels[i]`` channels."""
 
     @abstractmethod

@@ -50,7 +50,7 @@ class MaximumRoaming(ActivationModulation):
         self.updates = 0
         self._steps = 0
 
-    def build(self, channels, num_tasks, device) -> None:
+    def build(self, channels, num_tasks, device, dtype) -> None:
         gen = self.context.generator
         self.masks = [random_unit_masks(c, num_tasks, self.keep_ratio, gen).to(device) for c in channels]
         self.visited = [m.clone() for m in self.masks]
@@ -88,10 +88,10 @@ class MaximumRoaming(ActivationModulation):
                 seen[add] = True
         self.updates += 1
 
-    def state_dict(self) -> dict:
+    def own_state(self) -> dict:
         return {"masks": self.masks, "visited": self.visited, "updates": self.updates, "steps": self._steps}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_own_state(self, state: dict) -> None:
         self.masks, self.visited = state["masks"], state["visited"]
         self.updates, self._steps = state["updates"], state["steps"]
 

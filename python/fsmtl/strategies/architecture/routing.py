@@ -35,17 +35,17 @@ class TaskRouting(ActivationModulation):
         self.keep_ratio = keep_ratio
         self.masks: list[torch.Tensor] | None = None
 
-    def build(self, channels, num_tasks, device) -> None:
+    def build(self, channels, num_tasks, device, dtype) -> None:
         gen = self.context.generator
         self.masks = [random_unit_masks(c, num_tasks, self.keep_ratio, gen).to(device) for c in channels]
 
     def modulate(self, index, task, output):
         return output * self.expand(self.masks[index][task], output)
 
-    def state_dict(self) -> dict:
+    def own_state(self) -> dict:
         return {"masks": self.masks}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_own_state(self, state: dict) -> None:
         self.masks = state["masks"]
 
 

@@ -47,7 +47,7 @@ class TaskSqueezeExcitation(ActivationModulation):
         self.se_modules: nn.ModuleList | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def build(self, channels, num_tasks, device) -> None:
+    def build(self, channels, num_tasks, device, dtype) -> None:
         self.se_modules = nn.ModuleList(
             nn.ModuleList(SqueezeExcitation(c, self.reduction) for c in channels) for _ in range(num_tasks)
         )
@@ -55,7 +55,7 @@ class TaskSqueezeExcitation(ActivationModulation):
             for per_task in self.se_modules:
                 for se in per_task:
                     se.fc2.bias.fill_(3.0)
-        self.se_modules.to(device)
+        self.se_modules.to(device=device, dtype=dtype)
         self.optimizer = torch.optim.Adam(self.se_modules.parameters(), lr=self.lr)
 
     def modulate(self, index, task, output):
@@ -68,10 +68,10 @@ class TaskSqueezeExcitation(ActivationModulation):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def state_dict(self) -> dict:
+    def own_state(self) -> dict:
         return {"modules": self.se_modules.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_own_state(self, state: dict) -> None:
         self.se_modules.load_state_dict(state["modules"])
         self.optimizer.load_state_dict(state["optimizer"])
 
