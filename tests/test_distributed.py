@@ -1,10 +1,9 @@
 """Multi-process FSMTL (gloo, CPU; processes spawned here, each run bounded by a timeout).
 
-One spawn per world size runs everything a rank checks (distributed top-K and a Trainer run), to
-keep process start-ups few: the union of the ranks' top-K masks equals ``topk_mask`` on the
-gathered scores bit for bit; masks are identical on every rank; W ranks with per-rank batch B
-train as one process with batch W*B over the same samples.
-"""
+One spawn per world size (a module fixture) runs everything a rank computes, to keep process
+start-ups few; each concept is then its own test: the distributed top-K, identical ranks,
+equivalence with one process, DataLoaders, resume, and the bytes of one step. Faults: a rank that
+raises or hangs stops the others."""
 
 from __future__ import annotations
 
@@ -116,12 +115,20 @@ def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("size,per_rank_batch", [(2, 32), (3, 21)])
-def test_ranks(tmp_path, size, per_rank_batch):
-    spawn(_worker, size, (str(tmp_path), per_rank_batch), timeout_s=80)
-    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(size)]
+@pytest.fixture(scope="module", params=[(2, 32), (3, 21)], ids=["2ranks", "3ranks"])
+def ranks(request, tmp_path_factory):
+    """One spawn of ``size`` ranks per world size (process start-ups are the cost): what every rank
+    computed, and the one-process run with the same global batch."""
+    size, per_rank_batch = request.param
+    out = tmp_path_factory.mktemp(f"ranks{size}")
+    spawn(_worker, size, (str(out), per_rank_batch), timeout_s=80)
+    parts = [torch.load(out / f"rank{r}.pt") for r in range(size)]
+    return size, per_rank_batch, parts, _train(per_rank_batch * size)
 
-    # distributed top-K: the union of the ranks' masks is topk_mask's, bit for bit
+
+def test_distributed_topk_union_is_topk_mask_bit_for_bit(ranks):
+    """The union of the ranks' top-K masks over their shards is topk_mask's on the gathered scores."""
+    size, _, parts, _ = ranks
     for seed in range(3):
         full = _full_scores(seed, len(KS))
         expected = fk.topk_mask_batched(full, KS).to_bool_stacked()
@@ -137,14 +144,22 @@ def test_ranks(tmp_path, size, per_rank_batch):
     union = torch.cat([unpack_bits(parts[r]["one"], b - a)[0] for r, (a, b) in enumerate(_slices(flat.numel(), size))])
     assert torch.equal(union, fk.topk_mask([flat], 0.3).to_bool_stacked()[0][0])
 
-    # masks identical on every rank, and the same training as one process with the global batch
+
+def test_every_rank_holds_the_same_masks_and_parameters(ranks):
+    _, _, parts, _ = ranks
     runs = [p["train"] for p in parts]
     for run in runs[1:]:
         assert torch.equal(run["mask"], runs[0]["mask"])
         for p, q in zip(run["params"], runs[0]["params"]):
             assert torch.equal(p, q)
-    single = _train(per_rank_batch * size)
-    dist_run = runs[0]
+
+
+def test_w_ranks_train_as_one_process_with_the_global_batch(ranks):
+    """W ranks with per-rank batch B: the losses and parameters of one process with batch W*B
+    (float tolerance: the all-reduce sums in another order), and the same masks up to the bits
+    that ties in the summed Fisher scores may flip (at most 0.1%)."""
+    _, _, parts, single = ranks
+    dist_run = parts[0]["train"]
     assert dist_run["updates"] == single["updates"] == 2
     torch.testing.assert_close(torch.tensor(dist_run["loss"]), torch.tensor(single["loss"]), rtol=1e-5, atol=1e-7)
     for p, q in zip(dist_run["params"], single["params"]):
@@ -152,20 +167,34 @@ def test_ranks(tmp_path, size, per_rank_batch):
     a = unpack_bits(dist_run["mask"], dist_run["mask"].shape[1] * 32)
     b = unpack_bits(single["mask"], single["mask"].shape[1] * 32)
     assert (a == b).float().mean() >= 0.999
-    if size == 2:  # DataLoaders: plain (global batches split) or with a DistributedSampler
-        reference = _train(per_rank_batch * size, loader="plain")
-        for kind in ("plain", "distributed"):
-            for p, q in zip(parts[0][kind]["params"], reference["params"]):
-                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-            losses = torch.tensor(parts[0][kind]["loss"])
-            torch.testing.assert_close(losses, torch.tensor(reference["loss"]), rtol=1e-5, atol=1e-7)
-    resumed = parts[0]["resumed"]  # 2 epochs, checkpoint, fresh Trainers resume for the third
+
+
+def test_dataloaders_plain_or_with_a_distributed_sampler_train_as_one_process(ranks):
+    size, per_rank_batch, parts, _ = ranks
+    if size != 2:
+        pytest.skip("the DataLoader cases run on 2 ranks only")
+    reference = _train(per_rank_batch * size, loader="plain")
+    for kind in ("plain", "distributed"):
+        for p, q in zip(parts[0][kind]["params"], reference["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        losses = torch.tensor(parts[0][kind]["loss"])
+        torch.testing.assert_close(losses, torch.tensor(reference["loss"]), rtol=1e-5, atol=1e-7)
+
+
+def test_a_checkpoint_of_w_ranks_resumes_on_fresh_ranks(ranks):
+    """2 epochs, a checkpoint written by rank 0, fresh Trainers on every rank resume it for the third."""
+    _, _, parts, _ = ranks
+    resumed, dist_run = parts[0]["resumed"], parts[0]["train"]
     for p, q in zip(resumed["params"], dist_run["params"]):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     assert resumed["loss"] == dist_run["loss"] and torch.equal(resumed["mask"], dist_run["mask"])
     assert parts[0]["ckpt_files"] and all(f.startswith("ckpt-") for f in parts[0]["ckpt_files"])
-    n_params = sum(p.numel() for p in single["params"])
-    assert dist_run["bytes"] == 4 * n_params  # one all-reduce of shared + head gradients, not T times
+
+
+def test_one_gradient_all_reduce_per_step(ranks):
+    """Each step all-reduces the combined shared + head gradients once: 4 bytes per parameter, not T times."""
+    _, _, parts, single = ranks
+    assert parts[0]["train"]["bytes"] == 4 * sum(p.numel() for p in single["params"])
 
 
 def test_single_process_equals_topk_mask():

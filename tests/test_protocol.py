@@ -185,3 +185,55 @@ def test_mask_overlap_spread_is_the_sample_std_over_seeds():
     assert out["overlap_std"][0][1] == pytest.approx(0.1414213562)  # ddof=1: sqrt(0.02), not 0.1
     assert out["overlap_seeds"] == 2 and out["random_overlap"] == pytest.approx(1 / 3)
     assert experiment._mask_summary([a], 0.5)["overlap_std"] is None  # one seed: no spread
+
+
+def test_run_protocol_chooses_on_validation_and_reports_on_fresh_seeds():
+    """The one protocol, with a fake training run: every candidate on every selection seed, the
+    best mean validation score chosen (the earlier ratio on a tie), then the reported seeds; with a
+    curve every candidate is reported. A dense method has no candidates to choose from."""
+    from fsmtl.run.protocol import planned_runs, run_protocol
+
+    calls = []
+    val = {(100, 0.1): 0.2, (101, 0.1): 0.4, (100, 0.5): 0.5, (101, 0.5): 0.1, (100, 0.9): 0.3, (101, 0.9): 0.3}
+
+    def train(seed, p, role):
+        calls.append((seed, p, role))
+        return {"val": val.get((seed, p), -1.0), "test": seed + p}
+
+    outcome = run_protocol("fs", (0.1, 0.5, 0.9), (100, 101), (0, 1), train, lambda r: r["val"])
+    assert outcome.val_scores == pytest.approx({0.1: 0.3, 0.5: 0.3, 0.9: 0.3})
+    assert outcome.chosen == 0.1  # three equal means: the first
+    assert calls[:6] == [(s, p, "selection") for p in (0.1, 0.5, 0.9) for s in (100, 101)]
+    assert calls[6:] == [(0, 0.1, "report"), (1, 0.1, "report")]
+    assert [r["test"] for r in outcome.reported[0.1]] == [0.1, 1.1]
+    assert planned_runs("fs", (0.1, 0.5, 0.9), (100, 101), (0, 1)) == len(calls) == 8
+    val[(101, 0.9)] = 0.9
+    calls.clear()
+    curve = run_protocol("fs", (0.1, 0.5, 0.9), (100, 101), (0, 1), train, lambda r: r["val"], curve=True)
+    assert curve.chosen == 0.9 and list(curve.reported) == [0.1, 0.5, 0.9]
+    calls.clear()
+    dense = run_protocol("mtl", (0.1, 0.5), (100, 101), (0, 1, 2), train, lambda r: r["val"])
+    assert (dense.chosen, dense.val_scores, calls) == (1.0, {}, [(s, 1.0, "report") for s in (0, 1, 2)])
+
+
+def test_fsmtl_run_and_fsmtl_study_choose_and_report_the_same(tmp_path):
+    """Both commands go through the one protocol: on the same settings the study's cells hold the
+    same validation scores, chosen keep ratio and reported test scores as results.json."""
+    from fsmtl.run.study import run_study
+
+    settings = {"epochs": 1, "warmup": 0, "update_every": 1, "samples": 16, "hidden": 16}
+    options = {"n_samples": 200, "n_tasks": 2}
+    cfg = ExperimentConfig(benchmark="synthetic", methods=("mtl", "fs"), seeds=(0, 1), select_seeds=(100,),
+                           keep_ratios=(0.3, 0.7), benchmark_options=options, **settings)  # fmt: skip
+    results = run_experiment(cfg)
+    spec = {"name": "same", "seeds": [0, 1], "select_seeds": [100], "settings": settings,
+            "grid": [{"benchmark": "synthetic", "benchmark_options": {"n_samples": 200, "n_tasks": 2},
+                      "methods": ["mtl", "fs"], "keep_ratios": [0.3, 0.7]}]}  # fmt: skip
+    study = run_study(spec, tmp_path, log=lambda line: None)
+    setting = study["settings"][0]
+    fs = results["methods"]["fs"]
+    assert setting["methods"]["fs"]["chosen"] == fs["keep_ratio"]
+    assert setting["methods"]["fs"]["val_scores"] == fs["val_scores"]
+    for method in ("mtl", "fs"):
+        row = next(r for r in setting["rows"].values() if r["method"] == method and r["chosen"])
+        assert row["scores"] == results["methods"][method]["test_score_per_seed"]

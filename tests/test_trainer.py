@@ -312,11 +312,30 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_fisher_in_float32():
     assert all(torch.isfinite(torch.tensor(v)).all() for v in trainer.history["loss"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with a GradScaler is tested on CUDA only")
-def test_fp16_with_grad_scaler_on_cuda():
-    model = make_model().cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    trainer = fsmtl.Trainer(model, TASKS, FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1)), opt, amp="fp16")
-    trainer.fit(make_split(), epochs=2, batch_size=16)
-    assert trainer.scaler is not None and trainer.history["skipped_amp"] >= 0
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+def test_fp16_with_grad_scaler_trains_as_float32_and_counts_its_skips(device):
+    """fp16 autocast with a GradScaler: the gradients are unscaled before the update (else the
+    parameters would move 65536 times too far), so training follows the float32 run closely; every
+    step the scaler skipped halved its scale and is counted in history["skipped_amp"]."""
+    runs = {}
+    for amp in (None, "fp16"):
+        model = make_model().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        strategy = FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1))
+        trainer = fsmtl.Trainer(model, TASKS, strategy, opt, amp=amp)
+        trainer.fit(make_split(), epochs=3, batch_size=16)
+        runs[amp] = trainer
+    fp16, fp32 = runs["fp16"], runs[None]
+    assert fp32.scaler is None and fp16.scaler.get_scale() == 65536.0 * 0.5 ** fp16.history["skipped_amp"]
+    assert len(fp16.history["mask_updates"]) == 2
+    torch.testing.assert_close(
+        torch.tensor(fp16.history["loss"]), torch.tensor(fp32.history["loss"]), rtol=2e-2, atol=2e-3
+    )
+    for a, b in zip(fp16.model.parameters(), fp32.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
