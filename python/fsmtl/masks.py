@@ -1,4 +1,6 @@
-"""Mask computation for use in any training loop."""
+"""Each task's top-K mask over the masked trunk parameters from its own batch of examples
+(:func:`compute_masks`), for the sparse strategies and for any training loop; on several ranks the
+scores are summed with one all-reduce first, so every rank takes the same masks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Shared machinery of the sparse strategies: mask schedule, masked backward, records."""
+"""The base of the sparse strategies (:class:`SparseStrategy`): task masks recomputed on a schedule,
+the masked backward of every step (whole, or streamed task by task), and the record of each mask
+update (ones, churn, overlap)."""
 
 from __future__ import annotations
 

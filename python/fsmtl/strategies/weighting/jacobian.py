@@ -1,4 +1,4 @@
-"""Gradient-balancing peers through torchjd: the trunk's Jacobian (one row per task) is reduced
+"""Weightings through torchjd: the trunk's Jacobian (one row per task) is reduced
 by an aggregator (MGDA, PCGrad, CAGrad, Nash-MTL, random weights, ...) instead of averaged."""
 
 from __future__ import annotations
