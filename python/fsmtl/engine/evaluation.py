@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..data import Split
+from ..data.batches import homogeneous_batch, to_device
 from ..tasks.checks import check_batch
 from ..tasks.metrics import task_metrics
-from .sources import check_split, homogeneous_batch, to_device, train_source
+from .sources import check_split, train_source
 from .steps import autocast, task_outputs
 
 

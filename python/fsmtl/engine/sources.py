@@ -23,66 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from ..data import Split, SplitDataset, backing_split
+from ..data import Split, SplitDataset
+from ..data.batches import homogeneous_batch, is_map_dataset, task_batch
 from ..tasks.checks import check_inputs, check_targets
 
 Batch = tuple[list[torch.Tensor], list[torch.Tensor]]
 """T inputs and T targets of one step (homogeneous: the same input tensor object T times)."""
-
-
-def _is_map_dataset(data) -> bool:
-    return isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
-
-
-def targets_per_task(ys, tasks: Sequence, where: str) -> list:
-    """One target per task from a sequence in task order or a mapping by task name."""
-    if isinstance(ys, Mapping):
-        missing = [t.name for t in tasks if t.name not in ys]
-        if missing:
-            raise ValueError(f"{where}: the targets mapping has no entry for task(s) {missing}; it has {list(ys)}")
-        return [ys[t.name] for t in tasks]
-    if isinstance(ys, torch.Tensor):
-        if len(tasks) == 1:
-            return [ys]
-        raise TypeError(
-            f"{where}: got one target tensor for {len(tasks)} tasks; give one target per task "
-            "(a sequence in task order or a mapping by task name)"
-        )
-    if not isinstance(ys, Sequence) or isinstance(ys, str):
-        raise TypeError(f"{where}: targets must be a sequence or a mapping by task name, got {type(ys).__name__}")
-    if len(ys) != len(tasks):
-        raise ValueError(f"{where}: {len(ys)} targets for {len(tasks)} tasks ({[t.name for t in tasks]})")
-    return list(ys)
-
-
-def homogeneous_batch(batch, tasks: Sequence, where: str) -> tuple[torch.Tensor, list]:
-    """``(inputs, targets)`` or ``(inputs, y_1, ..., y_T)`` -> inputs and one target per task."""
-    if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) < 2:
-        raise TypeError(f"{where}: a homogeneous batch must be (inputs, targets), got {type(batch).__name__}")
-    if len(batch) == 2:
-        return batch[0], targets_per_task(batch[1], tasks, where)
-    if len(batch) == len(tasks) + 1:
-        return batch[0], list(batch[1:])
-    raise ValueError(f"{where}: a batch of {len(batch)} items for {len(tasks)} tasks; expected (inputs, targets)")
-
-
-def task_batch(batch, task, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A heterogeneous task's ``(inputs, target)`` batch."""
-    if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) != 2:
-        raise TypeError(f"{where}: task {task.name!r}'s batches must be (inputs, target), got {type(batch).__name__}")
-    return batch[0], batch[1]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move one batch tensor; asynchronous from pinned memory on CUDA; uint8 images become float32
-    in [0, 1] on the device."""
-    if tensor.device != device:
-        tensor = tensor.to(device, non_blocking=device.type == "cuda")
-    if tensor.dtype == torch.uint8:
-        tensor = tensor.float().div_(255)
-    return tensor
 
 
 class SplitSource:
@@ -197,15 +145,15 @@ def train_source(
     """The batch source of ``data`` (see the module docstring). Datasets are batched with
     ``batch_size`` (required for them and for a ``Split``); loaders keep their own batch size.
     ``generator=None`` (evaluation) keeps the data's order."""
-    needs_batch = isinstance(data, Split) or _is_map_dataset(data)
+    needs_batch = isinstance(data, Split) or is_map_dataset(data)
     if not homogeneous and isinstance(data, Sequence) and not isinstance(data, Split):
-        needs_batch = any(_is_map_dataset(d) for d in data)
+        needs_batch = any(is_map_dataset(d) for d in data)
     if needs_batch and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(data, Split):
         return SplitSource(data, homogeneous, batch_size, generator) if generator is not None else None
     if homogeneous:
-        if _is_map_dataset(data):
+        if is_map_dataset(data):
             if len(data) == 0:
                 raise ValueError(f"{where}: the dataset is empty")
             data = _loader(data, batch_size, generator, num_workers, pin_memory)
@@ -226,7 +174,7 @@ def train_source(
         raise ValueError(f"{where}: {len(data)} datasets/loaders for {len(tasks)} tasks")
     loaders = []
     for task, d in zip(tasks, data):
-        if _is_map_dataset(d):
+        if is_map_dataset(d):
             if len(d) == 0:
                 raise ValueError(f"{where}: the dataset of task {task.name!r} is empty")
             d = _loader(d, batch_size, generator, num_workers, pin_memory)
@@ -257,46 +205,3 @@ def check_split(split: Split, tasks: Sequence, homogeneous: bool, name: str) -> 
             raise ValueError(f"{name}: task {task.name!r} has no samples (empty data)")
         check_inputs(task, x, name)
         check_targets(task, y, x.shape[0], name)
-
-
-def sampler(data, tasks: Sequence, homogeneous: bool, generator: torch.Generator, device: torch.device, where: str):
-    """``sample(t, n) -> (inputs, targets)``: ``n`` random examples of task ``t`` on ``device``
-    (fewer when the task has fewer), for the Fisher estimate of a mask update.
-
-    A ``Split`` or dataset is indexed with ``torch.randperm`` of ``generator``; a loader over a
-    map-style dataset samples that dataset; any other iterable contributes its first batches."""
-
-    def from_split(t: int, n: int):
-        size = data.inputs[t].shape[0]
-        idx = torch.randperm(size, generator=generator)[: min(n, size)]
-        return to_device(data.inputs[t][idx], device), to_device(data.targets[t][idx], device)
-
-    def from_items(t: int, n: int):
-        source = data if homogeneous else data[t]
-        if isinstance(source, DataLoader) and _is_map_dataset(source.dataset):
-            source = source.dataset
-        if _is_map_dataset(source):
-            idx = torch.randperm(len(source), generator=generator)[:n].tolist()
-            batches = [default_collate([source[i] for i in idx])]
-        else:
-            batches, count = [], 0
-            for batch in source:
-                batches.append(batch)
-                count += len(batch[0])
-                if count >= n:
-                    break
-        xs, ys = [], []
-        for batch in batches:
-            if homogeneous:
-                x, targets = homogeneous_batch(batch, tasks, where)
-                y = targets[t]
-            else:
-                x, y = task_batch(batch, tasks[t], where)
-            xs.append(x)
-            ys.append(y)
-        x, y = torch.cat(xs)[:n], torch.cat(ys)[:n]
-        return to_device(x, device), to_device(y, device)
-
-    if backing_split(data) is not None:
-        data = backing_split(data)  # draws exactly what the same Split would
-    return from_split if isinstance(data, Split) else from_items

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import collectives
-from ..data import Split
+from ..data import Split, backing_split
+from ..data.batches import sampler, to_device
 from ..model import MultiTaskModel
 from ..strategies.base import Strategy, TrainingContext
 from ..tasks import Task
@@ -27,7 +28,7 @@ from ..tasks.metrics import primary_score
 from . import checkpoint as ckpt
 from . import distributed
 from .evaluation import evaluate, outputs_and_targets
-from .sources import backing_split, check_split, sampler, to_device, train_source
+from .sources import check_split, train_source
 from .state import epoch_batches, restore_trainer_state, trainer_state
 from .steps import AMP_DTYPES, step_mode, task_outputs
 

@@ -5,12 +5,12 @@ parameters combine: MTL, GradNorm, MGDA-UB, RLW, torchjd's aggregators) and ``ar
 (:class:`Composed`, ``ARCH+WEIGHTING``). Every method of the comparison is found by name through
 :func:`get_method`."""
 
+from ..schedule import MaskSchedule
 from .architecture.base import Architecture
 from .base import Strategy, TrainingContext
 from .composed import Composed
 from .method import Component, Method, MethodOptions
 from .registry import ARCHITECTURES, METHODS, WEIGHTINGS, get_method, register_method
-from .schedule import MaskSchedule
 from .sparse.base import SparseStrategy
 from .sparse.fisher import FisherSparse
 from .sparse.random import RandomSparse

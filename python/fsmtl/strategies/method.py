@@ -8,8 +8,8 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..schedule import MaskSchedule
 from .base import Strategy
-from .schedule import MaskSchedule
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ...schedule import MaskSchedule
 from ..method import Component
-from ..schedule import MaskSchedule
 from .base import ActivationModulation
 from .routing import random_unit_masks
 
@@ -23,7 +23,7 @@ class MaximumRoaming(ActivationModulation):
     Args:
         keep_ratio: share of each point's units a task uses.
         every: optimizer steps between updates (when no ``schedule`` is given).
-        schedule: a :class:`~fsmtl.strategies.schedule.MaskSchedule` to roam on instead
+        schedule: a :class:`~fsmtl.schedule.MaskSchedule` to roam on instead
             of ``every`` steps: ``fsmtl run`` passes its mask schedule (``--warmup``,
             ``--update-every``), so MR's masks change when the sparse methods' masks do and a
             short run still roams (with ``every=100`` a 72-step run would never roam and MR

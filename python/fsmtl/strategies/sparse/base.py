@@ -20,8 +20,8 @@ from ...gradients import (
     dense_multitask_backward,
     masked_multitask_backward,
 )
+from ...schedule import MaskSchedule
 from ..base import Strategy
-from ..schedule import MaskSchedule
 
 
 class SparseStrategy(Strategy):
