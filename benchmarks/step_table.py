@@ -151,7 +151,7 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
         strategy = fsmtl.RandomSparse(KEEP, mask_forward=True)
         from fsmtl.strategies import TrainingContext
 
-        strategy.context = TrainingContext(model, [None] * num_tasks, None, None)
+        strategy.context = TrainingContext(model, [fsmtl.Task(f"t{t}", "binary", 1) for t in range(num_tasks)], None, None)
         strategy.set_mask(mask)
         masks = [strategy.forward_mask(t) for t in range(num_tasks)]
 

@@ -16,6 +16,7 @@ from fsmtl.gradients import ForwardRecord
 from fsmtl.strategies import RandomSparse, TrainingContext
 
 T = 3
+REGRESSION_TASKS = [fsmtl.Task(f"t{t}", "regression", 1) for t in range(T)]
 DIM = 6
 
 
@@ -164,7 +165,7 @@ def test_strategy_backward_matches_reference(kind, normalize, mask_forward, hete
     xs, ys = make_data(heterogeneous)
     expected = reference_grads(model, mask, xs, ys, normalize, mask_forward)
     strategy = RandomSparse(0.5, mask_forward=mask_forward, normalize=normalize)
-    strategy.context = TrainingContext(model, [None] * T, None, None)
+    strategy.context = TrainingContext(model, REGRESSION_TASKS, None, None)
     strategy.set_mask(mask)
     model.zero_grad(set_to_none=True)
     masks = [strategy.forward_mask(t) for t in range(T)]
@@ -451,7 +452,7 @@ def test_linear_calls_are_recorded_only_for_a_masked_backward_that_takes_them():
     model.features(xs[0], record=plain)
     assert plain.linears == [] and plain.trunk_forwards == 1
     strategy = RandomSparse(0.5)
-    strategy.bind(TrainingContext(model, [None] * T, None, None))
+    strategy.bind(TrainingContext(model, REGRESSION_TASKS, None, None))
     record = strategy.forward_record()
     losses = task_losses(model, xs, ys, record=record)
     assert [r[0] for r in record.linears] == [0, 2, 4, 6]  # the 4 Linear weights, in call order

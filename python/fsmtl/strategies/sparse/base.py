@@ -1,6 +1,7 @@
-"""The base of the sparse strategies (:class:`SparseStrategy`): task masks recomputed on a schedule,
-the masked backward of every step (whole, or streamed task by task), and the record of each mask
-update (ones, churn, overlap)."""
+"""The base of the sparse strategies (:class:`SparseStrategy`): the Trainer's side of one
+:class:`~fsmtl.FSMTL` object, which holds the schedule, the task masks, the masked backward of
+every step (whole, or streamed task by task) and the record of each mask update; a subclass says
+how the masks are computed (:meth:`SparseStrategy.compute_mask`)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ import torch
 
 import fsmtl_kernels as fk
 
-from ...collectives import check_identical
-from ...gradients import (
-    ForwardRecord,
-    MaskedBackwardStream,
-    MeasuredBatching,
-    dense_multitask_backward,
-    masked_multitask_backward,
-)
+from ...gradients import ForwardRecord, MaskedBackwardStream, MeasuredBatching
 from ...schedule import MaskSchedule
+from ...sparse_training import FSMTL, check_keep_ratio
 from ..base import Strategy
 
 
@@ -59,9 +54,7 @@ class SparseStrategy(Strategy):
         freeze_unselected: bool = False,
         batched_grads: bool | str = "auto",
     ) -> None:
-        fk.check_k(keep_ratio, "keep_ratio")
-        if keep_ratio <= 0:  # 0 would freeze the whole trunk: never a useful run, so refuse it here
-            raise ValueError(f"keep_ratio must be > 0 (a fraction in (0, 1] or a positive count), got {keep_ratio!r}")
+        check_keep_ratio(keep_ratio)
         if normalize not in fk.NORMALIZE_MODES:
             raise ValueError(f"normalize must be one of {fk.NORMALIZE_MODES}, got {normalize!r}")
         self.keep_ratio = keep_ratio
@@ -74,14 +67,49 @@ class SparseStrategy(Strategy):
         if batched_grads not in (True, False, "auto", "measure"):
             raise ValueError(f"batched_grads must be True, False, 'auto' or 'measure', got {batched_grads!r}")
         self.batched_grads = MeasuredBatching() if batched_grads == "measure" else batched_grads
-        self.mask: fk.PackedMask | None = None
-        self._forward_masks: list[list[torch.Tensor]] | None = None
-        self._unselected: list[torch.Tensor] | None = None
-        self._frozen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._fsmtl: FSMTL | None = None
+
+    def fsmtl_options(self) -> dict:
+        """Extra :class:`~fsmtl.FSMTL` arguments of a subclass (FisherSparse: the estimator)."""
+        return {}
+
+    @property
+    def fsmtl(self) -> FSMTL:
+        """The :class:`~fsmtl.FSMTL` object that holds this strategy's schedule, masks and masked
+        backward (built for the bound model; masks computed by :meth:`compute_mask`)."""
+        context = self.context
+        if self._fsmtl is None or self._fsmtl.model is not context.model:
+            self._fsmtl = FSMTL(
+                context.model,
+                context.tasks,
+                self.keep_ratio,
+                schedule=self.schedule,
+                normalize=self.normalize,
+                mask_forward=self.mask_forward,
+                freeze_unselected=self.freeze_unselected,
+                batched=self.batched_grads,
+                generator=context.generator,
+                compute=self._compute,
+                **self.fsmtl_options(),
+            )
+        return self._fsmtl
+
+    def bind(self, context) -> None:
+        super().bind(context)
+        if isinstance(self.keep_ratio, int):
+            check_keep_ratio(self.keep_ratio, context.model, stacklevel=4)
+        self.fsmtl.generator = context.generator
+
+    def _compute(self, sample) -> fk.PackedMask:
+        return self.compute_mask()
 
     @abstractmethod
     def compute_mask(self) -> fk.PackedMask:
-        """New masks for all tasks, from the current model."""
+        """New masks for all tasks, from the current model (examples from ``context.sample``)."""
+
+    @property
+    def mask(self) -> fk.PackedMask | None:
+        return self._fsmtl.masks if self._fsmtl is not None else None
 
     def updates_at(self, epoch: int, step: int, epoch_start: bool) -> bool:
         return self.schedule.due(epoch, step, epoch_start)
@@ -97,35 +125,17 @@ class SparseStrategy(Strategy):
 
     def forward_record(self) -> ForwardRecord:
         """A record with the masked Linear calls: :meth:`backward` takes the fused weight gradient."""
-        return ForwardRecord(linear_calls=True)
+        return self.fsmtl.forward_record()
 
     def update_mask(self, epoch: int = -1, step: int = -1) -> dict:
         """Recompute the masks now; returns the record (ones, churn, overlap) of this update."""
-        new = self.compute_mask()
-        check_identical(new)  # several ranks: one checksum all-reduce; raises if the masks differ
-        record = {
-            "epoch": epoch,
-            "step": step,
-            "ones": new.count().tolist(),
-            "churn": mask_churn(self.mask, new) if self.mask is not None else None,
-            "overlap": new.overlap().tolist(),
-        }
-        self.set_mask(new)
-        return record
+        return self.fsmtl.recompute(self.context.sample, epoch=epoch, step=step)
 
     def set_mask(self, mask: fk.PackedMask) -> None:
-        params = self.context.model.masked_parameters()
-        if mask.shapes != tuple(p.shape for p in params):
-            raise ValueError("mask does not cover the model's masked parameters")
-        self.mask = mask
-        stacked = mask.to_bool_stacked()
-        # Per task, views into the stacked bool masks: no copy per task or per step.
-        self._forward_masks = [[m[t] for m in stacked] for t in range(mask.num_tasks)] if self.mask_forward else None
-        # Entries no task holds: only needed to freeze them, and fixed until the next mask update.
-        self._unselected = [~m.any(0) for m in stacked] if self.freeze_unselected else None
+        self.fsmtl.set_masks(mask)
 
     def forward_mask(self, task: int) -> list[torch.Tensor] | None:
-        return None if self._forward_masks is None else self._forward_masks[task]
+        return None if self._fsmtl is None else self._fsmtl.forward_mask(task)
 
     def on_fit_start(self, epochs: range, steps_per_epoch: int | None) -> None:
         if self.mask is not None or len(epochs) == 0:
@@ -143,14 +153,12 @@ class SparseStrategy(Strategy):
             )
 
     def state_dict(self) -> dict:
-        return {"mask": self.mask.state_dict() if self.mask is not None else None}
+        if self._fsmtl is None:  # not bound yet: no masks, and no generator of its own
+            return {"masks": None, "updates": [], "generator": None}
+        return self.fsmtl.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("mask") is None:
-            self.mask, self._forward_masks, self._unselected = None, None, None
-            return
-        device = self.context.model.masked_parameters()[0].device
-        self.set_mask(fk.PackedMask.from_state_dict(state["mask"]).to(device))
+        self.fsmtl.load_state_dict(state)
 
     def streams_backward(self) -> bool:
         """Whether a step whose tasks run separate trunk forwards (``mask_forward``, heterogeneous
@@ -159,7 +167,7 @@ class SparseStrategy(Strategy):
         :meth:`backward` takes the same T backward passes. Not in the warm-up (no mask: dense MTL
         is one backward of the summed loss) nor for a single task (one trunk forward, for which
         :meth:`backward` may batch and cut at the boundary)."""
-        return self.mask is not None and self.mask.num_tasks > 1
+        return self._fsmtl is not None and self._fsmtl.streams_backward()
 
     def open_backward_stream(self) -> MaskedBackwardStream:
         """This step's masked backward for losses that arrive one task at a time: a
@@ -180,51 +188,13 @@ class SparseStrategy(Strategy):
                 f"{type(self).__name__}.open_backward_stream needs a mask and several tasks "
                 "(streams_backward() is False): use backward(losses)"
             )
-        model = self.context.model
-        return MaskedBackwardStream(
-            model.masked_parameters(),
-            self.mask,
-            num_tasks=self.mask.num_tasks,
-            dense_params=model.dense_shared_parameters(),
-            head_params=model.head_parameters(),
-            normalize=self.normalize,
-        )
+        return self.fsmtl.open_backward_stream()
 
     def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
-        model = self.context.model
-        trunk_forwards = record.trunk_forwards if record is not None else 1
-        if self.mask is None:  # warm-up: dense MTL, one backward pass instead of T
-            dense_multitask_backward(losses, model.shared_parameters())
-            return
-        # Losses from separate trunk forwards (heterogeneous tasks, mask_forward) share no graph to
-        # batch over: T backward passes, streamed into the masked sum (the Trainer streams them
-        # as they arrive instead, through open_backward_stream).
-        batched = self.batched_grads if trunk_forwards <= 1 else False
-        masked_multitask_backward(
-            losses,
-            model.masked_parameters(),
-            self.mask,
-            dense_params=model.dense_shared_parameters(),
-            head_params=model.head_parameters(),
-            normalize=self.normalize,
-            batched=batched,
-            record=record,
-        )
+        self.fsmtl.backward(losses, record)
 
     def before_optimizer_step(self) -> None:
-        if self._unselected is None:
-            return
-        params = self.context.model.masked_parameters()
-        self._frozen = [(p, p.detach().clone(), u) for p, u in zip(params, self._unselected)]
+        self.fsmtl.before_optimizer_step()
 
     def after_optimizer_step(self) -> None:
-        with torch.no_grad():
-            for p, saved, unselected in self._frozen:
-                p.copy_(torch.where(unselected, saved, p))
-        self._frozen = []
-
-
-def mask_churn(old: fk.PackedMask, new: fk.PackedMask) -> list[float]:
-    """Per task, the fraction of the new mask's ones that were not in the old mask."""
-    changed = fk.popcount(new.words & ~old.words).sum(1).double()
-    return (changed / new.count().clamp_min(1).double()).tolist()
+        self.fsmtl.after_optimizer_step()

@@ -7,7 +7,6 @@ from functools import partial
 import fsmtl_kernels as fk
 
 from ...estimators import ESTIMATORS
-from ...masks import compute_masks
 from ..method import Method
 from .base import SparseStrategy
 
@@ -35,12 +34,11 @@ class FisherSparse(SparseStrategy):
         self.samples = samples
         self.chunk_size = chunk_size
 
+    def fsmtl_options(self) -> dict:
+        return {"estimator": self.estimator, "samples": self.samples, "chunk_size": self.chunk_size}
+
     def compute_mask(self) -> fk.PackedMask:
-        ctx = self.context
-        batches = [ctx.sample(t, self.samples) for t in range(len(ctx.tasks))]
-        return compute_masks(
-            ctx.model, ctx.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size
-        )
+        return self.fsmtl.fisher_masks(self.context.sample)
 
 
 def _fisher_sparse(estimator: str, options, cls: type[FisherSparse] = FisherSparse, **choices) -> FisherSparse:

@@ -130,14 +130,13 @@ class FisherSparseInTurns(FisherSparseVariant):
 
     def __init__(self, keep_ratio, **kwargs) -> None:
         super().__init__(keep_ratio, **kwargs)
-        self._turn_masks: list[list[torch.Tensor]] | None = None  # per task, of the current mask
-
-    def set_mask(self, mask: fk.PackedMask) -> None:
-        super().set_mask(mask)
-        self._turn_masks = task_masks(mask)
+        self._turn_masks: tuple[fk.PackedMask, list[list[torch.Tensor]]] | None = None  # (mask, per task)
 
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
-        task_backward(self.context.model, t, loss, None if self.mask is None else self._turn_masks[t])
+        mask = self.mask
+        if mask is not None and (self._turn_masks is None or self._turn_masks[0] is not mask):
+            self._turn_masks = (mask, task_masks(mask))
+        task_backward(self.context.model, t, loss, None if mask is None else self._turn_masks[1][t])
 
 
 class EqualWeightingInTurns(EqualWeighting):
