@@ -272,11 +272,15 @@ def test_validation_history_log_best_epoch_restore_and_early_stopping(tmp_path):
     trainer = make_trainer()
     log = tmp_path / "val.jsonl"
     trainer.fit(split, epochs=4, batch_size=16, val=val, eval_every=2, log_path=log, restore_best=True)
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    entries = [e for e in records if e["event"] == "val"]
     assert [e["epoch"] for e in entries] == [1, 3] == [e["epoch"] for e in trainer.history["val"]]
+    steps = [e for e in records if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(12))  # 3 steps per epoch, every step's task losses
+    assert set(steps[0]) == {"event", "epoch", "step", "loss/smile", "loss/age", "loss/digit"}
     best = max(entries, key=lambda e: e["score"])
     assert trainer.history["best_epoch"] == best["epoch"]
-    from fsmtl.engine.trainer import primary_score
+    from fsmtl.tasks import primary_score
 
     assert primary_score(TASKS, trainer.evaluate(val)) == pytest.approx(best["score"], abs=1e-12)
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+import fsmtl_kernels as fk
 
 from .gradients import ForwardRecord
 
@@ -148,16 +154,106 @@ class MultiTaskModel(nn.Module):
         finally:
             self.current_task = previous
 
-    def export_task(self, task: int, mask: Sequence[torch.Tensor] | None = None) -> nn.Sequential:
-        """Task ``task``'s inference model ``head_t(trunk(x; S_t * theta_sh))`` with the (bool) mask
-        baked in."""
+    def _task_mask(self, task: int, mask) -> list[torch.Tensor] | None:
+        """Task ``task``'s bool masks from ``mask``: None, a :class:`fsmtl_kernels.PackedMask` of
+        every task (as :func:`fsmtl.compute_masks` and the strategies return), or the task's own bool
+        tensors shaped like :meth:`masked_parameters`."""
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must be an int in [0, {self.num_tasks}), got {task!r}")
+        if mask is None:
+            return None
+        shapes = [tuple(p.shape) for p in self.masked_parameters()]
+        if isinstance(mask, fk.PackedMask):
+            if [tuple(s) for s in mask.shapes] != shapes or mask.num_tasks != self.num_tasks:
+                raise ValueError(
+                    f"mask covers {mask.num_tasks} task(s) over shapes {[tuple(s) for s in mask.shapes]}; this model "
+                    f"has {self.num_tasks} tasks over masked parameters of shapes {shapes}"
+                )
+            return mask.to_bool(task)
+        mask = list(mask)
+        if [tuple(m.shape) for m in mask] != shapes or any(m.dtype != torch.bool for m in mask):
+            raise ValueError(f"mask must hold one bool tensor per masked parameter, of shapes {shapes}")
+        return mask
+
+    def export_task(self, task: int, mask=None) -> nn.Sequential:
+        """Task ``task``'s inference model ``head_t(trunk(x; S_t * theta_sh))``: a plain
+        ``nn.Sequential(trunk, head)`` in eval mode with the mask baked in (entries outside it set
+        to 0), whose outputs equal ``model(x, task, mask)``'s. ``mask``: None (the dense trunk), a
+        :class:`fsmtl_kernels.PackedMask` of every task, or task ``task``'s bool tensors."""
+        bools = self._task_mask(task, mask)
         trunk = copy.deepcopy(self.trunk)
-        if mask is not None:
+        if bools is not None:
             params = dict(trunk.named_parameters())
             with torch.no_grad():
-                for n, m in zip(self._masked_names, mask):
+                for n, m in zip(self._masked_names, bools):
                     params[n].masked_fill_(~m, 0.0)
         return nn.Sequential(trunk, copy.deepcopy(self.heads[task])).eval()
+
+    def save_task_models(self, directory, mask=None, *, names: Sequence[str] | None = None) -> Path:
+        """One inference model per task (:meth:`export_task`) in ``directory``: ``<name>.pt``
+        (``torch.save`` of the module; load with ``torch.load(path, weights_only=False)``), and
+        ``sparsity.json`` stating per task the non-zero entries of its trunk, the trunk's size and
+        the masked entries its mask keeps. ``names`` (default ``task0``, ``task1``, ...) name the
+        files. Returns ``directory``."""
+        names = list(names) if names is not None else [f"task{t}" for t in range(self.num_tasks)]
+        if len(names) != self.num_tasks or len(set(names)) != len(names):
+            raise ValueError(f"names must be {self.num_tasks} distinct task names, got {names}")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        trunk_size = sum(p.numel() for p in self.trunk.parameters())
+        masked_size = sum(p.numel() for p in self.masked_parameters())
+        sparsity = {}
+        for t, name in enumerate(names):
+            exported = self.export_task(t, mask)
+            kept = masked_size if mask is None else int(sum(int(m.sum()) for m in self._task_mask(t, mask)))
+            sparsity[name] = {
+                "trunk_nonzero": count_nonzero_shared(exported),
+                "trunk_entries": trunk_size,
+                "masked_entries": masked_size,
+                "mask_kept": kept,
+            }
+            _atomic(directory / f"{name}.pt", lambda f, m=exported: torch.save(m, f))
+        _atomic(directory / "sparsity.json", lambda f: f.write(json.dumps(sparsity, indent=1).encode()))
+        return directory
+
+    @torch.no_grad()
+    def predict(
+        self, x: torch.Tensor, tasks: Sequence[int] | None = None, *, mask=None, batch_size: int = 1024
+    ) -> list[torch.Tensor]:
+        """Head outputs of ``tasks`` (indices, default every task) on inputs ``x`` ``[N, ...]``, in
+        eval mode without gradients, ``batch_size`` samples at a time; task t's forward runs under
+        its mask when ``mask`` is given (a :class:`fsmtl_kernels.PackedMask` of every task, as a
+        ``mask_forward`` run trains). The model's train/eval mode is restored afterwards."""
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+            raise ValueError(f"x must be a tensor of inputs [N, ...] with N >= 1, got {getattr(x, 'shape', x)!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        tasks = list(range(self.num_tasks)) if tasks is None else list(tasks)
+        masks = {t: self._task_mask(t, mask) for t in tasks}
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            outs = {t: [] for t in tasks}
+            for start in range(0, x.shape[0], batch_size):
+                chunk = x[start : start + batch_size].to(device)
+                if chunk.dtype == torch.uint8:  # images in [0, 255], as the Trainer reads them
+                    chunk = chunk.float().div_(255)
+                if mask is None and not self._modulated():
+                    features = self.features(chunk)
+                    for t in tasks:
+                        outs[t].append(self.heads[t](features))
+                else:
+                    for t in tasks:
+                        outs[t].append(self(chunk, t, masks[t]))
+            return [torch.cat(outs[t]) for t in tasks]
+        finally:
+            self.train(was_training)
+
+    def _modulated(self) -> bool:
+        """True when a trunk module has forward hooks: they may read :attr:`current_task` (SE, TR,
+        MR modulate the trunk per task), so each task then gets its own forward."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.trunk.modules())
 
 
 class _SavedMasked:
@@ -186,3 +282,17 @@ class _SavedMasked:
 def count_nonzero_shared(model: nn.Sequential) -> int:
     """Non-zero entries of an exported model's trunk (its first module)."""
     return int(sum(int(torch.count_nonzero(p)) for p in model[0].parameters()))
+
+
+def _atomic(path: Path, write) -> None:
+    """``write(file)`` to a temporary file beside ``path``, fsync, then rename it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -47,13 +47,23 @@ def targets_per_task(ys, tasks: Sequence, where: str) -> list:
 
 def homogeneous_batch(batch, tasks: Sequence, where: str) -> tuple[torch.Tensor, list]:
     """``(inputs, targets)`` or ``(inputs, y_1, ..., y_T)`` -> inputs and one target per task."""
+    if isinstance(batch, torch.Tensor):
+        raise TypeError(
+            f"{where}: a batch is one tensor, not (inputs, targets): the data must yield batches of inputs and "
+            f"targets. For tensors x and ys (one target per task), pass fsmtl.data.Split([x] * {len(tasks)}, ys) or "
+            "TensorDataset(x, *ys), not the pair (x, ys)"
+        )
     if isinstance(batch, Mapping) or not isinstance(batch, Sequence) or len(batch) < 2:
         raise TypeError(f"{where}: a homogeneous batch must be (inputs, targets), got {type(batch).__name__}")
     if len(batch) == 2:
         return batch[0], targets_per_task(batch[1], tasks, where)
     if len(batch) == len(tasks) + 1:
         return batch[0], list(batch[1:])
-    raise ValueError(f"{where}: a batch of {len(batch)} items for {len(tasks)} tasks; expected (inputs, targets)")
+    raise ValueError(
+        f"{where}: a batch of inputs and {len(batch) - 1} targets for {len(tasks)} tasks "
+        f"({[t.name for t in tasks]}); give one target per task: (inputs, targets) or (inputs, y_1, ..., "
+        f"y_{len(tasks)})"
+    )
 
 
 def task_batch(batch, task, where: str) -> tuple[torch.Tensor, torch.Tensor]:

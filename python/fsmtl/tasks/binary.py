@@ -28,6 +28,14 @@ class Binary(TaskKind):
         z = outputs.reshape(-1)
         return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=1)
 
+    def probabilities(self, task, outputs):
+        """P(positive) ``[n]``."""
+        return torch.sigmoid(outputs.reshape(-1))
+
+    def labels(self, task, outputs):
+        """1 where the logit is positive, else 0, ``[n]``."""
+        return (outputs.reshape(-1) > 0).long()
+
     def metric_inputs(self, task, outputs, targets):
         return vector_outputs(self.name, task, outputs, targets)
 

@@ -69,6 +69,16 @@ class TaskKind(ABC):
         """Log-probabilities ``[N, C]`` of the predictive distribution (classification kinds)."""
         raise ValueError(f"task {task.name!r} of kind {self.name!r} has no class distribution")
 
+    def probabilities(self, task, outputs: torch.Tensor) -> torch.Tensor:
+        """The predicted probabilities of a batch of head outputs (classification kinds); a kind
+        that predicts values (regression, depth) returns its outputs."""
+        return outputs
+
+    def labels(self, task, outputs: torch.Tensor) -> torch.Tensor:
+        """The predicted labels (int64) of a batch of head outputs (classification kinds); a kind
+        that predicts values returns its outputs."""
+        return outputs
+
     def metric_inputs(self, task, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Check the shapes of one split's ``outputs``/``targets`` (on the CPU) and return them
         in the layout :meth:`compute_metrics` takes."""

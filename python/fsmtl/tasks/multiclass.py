@@ -26,6 +26,14 @@ class Multiclass(TaskKind):
     def log_probs(self, task, outputs):
         return F.log_softmax(outputs, dim=1)
 
+    def probabilities(self, task, outputs):
+        """Softmax over the C classes, ``[n, C]``."""
+        return torch.softmax(outputs, dim=1)
+
+    def labels(self, task, outputs):
+        """The most likely class, ``[n]``."""
+        return outputs.argmax(dim=1)
+
     def metric_inputs(self, task, outputs, targets):
         n = targets.shape[0]
         if outputs.shape != (n, task.num_outputs) or targets.dim() != 1:

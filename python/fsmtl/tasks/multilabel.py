@@ -27,6 +27,14 @@ class MultiLabel(TaskKind):
     def per_sample_loss(self, outputs, targets):
         return F.binary_cross_entropy_with_logits(outputs, targets.float(), reduction="none").mean(1)
 
+    def probabilities(self, task, outputs):
+        """P(attribute present) per attribute, ``[n, k]``."""
+        return torch.sigmoid(outputs)
+
+    def labels(self, task, outputs):
+        """1 where an attribute's logit is positive, ``[n, k]``."""
+        return (outputs > 0).long()
+
     def metric_inputs(self, task, outputs, targets):
         if outputs.shape != targets.shape or outputs.dim() != 2:
             raise ValueError(

@@ -34,6 +34,14 @@ class Segmentation(TaskKind):
         pix = F.cross_entropy(outputs, targets, ignore_index=-1, reduction="none")
         return pix.flatten().sum() / (targets != -1).sum().clamp_min(1)
 
+    def probabilities(self, task, outputs):
+        """Softmax over the C classes at every pixel, ``[n, C, H, W]``."""
+        return torch.softmax(outputs, dim=1)
+
+    def labels(self, task, outputs):
+        """The most likely class of every pixel, ``[n, H, W]``."""
+        return outputs.argmax(dim=1)
+
     def metric_inputs(self, task, outputs, targets):
         n = targets.shape[0]
         if outputs.dim() != 4 or outputs.shape[1] != task.num_outputs or targets.shape != (n, *outputs.shape[2:]):
