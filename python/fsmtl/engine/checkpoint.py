@@ -5,7 +5,12 @@ A checkpoint is written to a temporary file in the target directory, flushed and
 renamed over its final name with ``os.replace`` (atomic on POSIX) and the directory is fsynced.
 So a process killed at any moment (``kill -9`` included) leaves either the previous checkpoints
 or the new one, never a truncated file under a checkpoint name; leftover ``*.tmp`` files are
-ignored and removed on the next write.
+ignored and removed on the next write. An ``OSError`` while writing (a full disk, a failing
+device) is re-raised with the final file's name as its ``filename`` and leaves no temporary file.
+
+Reading back (:func:`latest`) skips any checkpoint that does not load, whatever the damage
+(truncated, garbage bytes, not a Trainer state), with a warning naming it, and takes the next
+older one; when none loads, the warning says that training restarts from step 0.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,18 +47,24 @@ def _atomic_write(path: str | os.PathLike[str], mode: str, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it onto
     ``path`` and fsync the directory: a reader (or a kill -9) sees the old file or the new one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+    except RuntimeError as exc:  # torch.save reports a failed write of its zip stream as RuntimeError
+        raise OSError(None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, str(path)) from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -88,12 +100,55 @@ def save_checkpoint(state: dict, directory: str | os.PathLike[str], step: int, *
     return path
 
 
-def load_latest(directory: str | os.PathLike[str], map_location=None) -> dict | None:
-    """The newest checkpoint of ``directory`` that loads, or None when there is none."""
-    for path in reversed(checkpoints(directory)):
+def read_state(path: Path, map_location=None) -> dict:
+    """The Trainer state in checkpoint ``path``; ``ValueError`` naming the file and the damage when
+    it does not load or holds something else (any exception of the unpickler counts as damage)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (garbage bytes raise anything from the unpickler)
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}{': ' + cause if cause else ''})") from None
+    if not isinstance(state, dict) or "version" not in state:
+        raise ValueError(f"{path} is unreadable (holds a {type(state).__name__}, not a fsmtl Trainer state)")
+    return state
+
+
+def latest(directory: str | os.PathLike[str], map_location=None) -> tuple[Path, dict] | None:
+    """``(path, state)`` of the newest checkpoint of ``directory`` that loads, or None when there is
+    none. A checkpoint that does not load is skipped with a warning naming it (the disk lost
+    data, or someone wrote there); when there were checkpoints but none loads, a warning says
+    that training restarts from step 0."""
+    found = checkpoints(directory)
+    for path in reversed(found):
         try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except (EOFError, RuntimeError, OSError, ValueError):
-            # Unreachable with atomic writes unless the disk lost data; fall back to the previous one.
-            continue
+            return path, read_state(path, map_location)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; skipped, trying the next older checkpoint", UserWarning, stacklevel=2)
+    if found:
+        warnings.warn(
+            f"none of the {len(found)} checkpoint(s) in {directory} is readable: training restarts from step 0",
+            UserWarning,
+            stacklevel=2,
+        )
     return None
+
+
+def load_latest(directory: str | os.PathLike[str], map_location=None) -> dict | None:
+    """The state of the newest checkpoint of ``directory`` that loads (see :func:`latest`), or None."""
+    found = latest(directory, map_location)
+    return None if found is None else found[1]
+
+
+def resume(trainer, directory) -> bool:
+    """``Trainer.resume``: load the newest readable checkpoint of ``directory`` into ``trainer``;
+    False when there is none. A checkpoint of another run is refused (``ValueError`` naming the
+    file and each differing setting), not skipped."""
+    found = latest(directory, map_location="cpu")
+    if found is None:
+        return False
+    path, state = found
+    try:
+        trainer.load_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return True

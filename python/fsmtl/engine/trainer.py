@@ -28,6 +28,8 @@ from ..tasks.metrics import primary_score
 from . import checkpoint as ckpt
 from . import distributed
 from .evaluation import evaluate, outputs_and_targets
+from .fingerprint import trainer_fingerprint
+from .fit_checks import check_fit
 from .sources import check_split, train_source
 from .state import epoch_batches, restore_trainer_state, trainer_state
 from .steps import AMP_DTYPES, step_mode, task_outputs
@@ -119,6 +121,10 @@ class Trainer:
         #: In a process group of several ranks: data shares and the per-step collectives
         #: (:class:`fsmtl.engine.distributed.GradientSync`); None in a single process.
         self.gradient_sync = distributed.GradientSync() if collectives.world() is not None else None
+        #: The global batch of the current fit (checkpointed: a mid-epoch resume needs the same one).
+        self.global_batch: int | None = None
+        #: What decides this run's results (:mod:`fsmtl.engine.fingerprint`): a state of another run is refused.
+        self.fingerprint = trainer_fingerprint(self)
         self.history: dict = {
             "loss": [],
             "mask_updates": [],
@@ -171,12 +177,9 @@ class Trainer:
         return ckpt.save_checkpoint(self.state_dict(), directory, self.global_step, keep_last=keep_last)
 
     def resume(self, directory) -> bool:
-        """Load the newest checkpoint of ``directory``; False when there is none."""
-        state = ckpt.load_latest(directory, map_location="cpu")
-        if state is None:
-            return False
-        self.load_state_dict(state)
-        return True
+        """Load the newest readable checkpoint of ``directory`` (an unreadable one is skipped with a
+        warning naming it; one of another run is refused); False when there is none."""
+        return ckpt.resume(self, directory)
 
     # ------------------------------------------------------------------------------------ fit
 
@@ -252,6 +255,8 @@ class Trainer:
                 check_split(data, self.tasks, self.homogeneous, name)
             elif data is not None:
                 train_source(data, self.tasks, self.homogeneous, batch_size or 1, None, where=name)
+        check_fit(self, train, val, fisher_data, batch_size, global_batch)
+        self.global_batch = global_batch
         run = _FitRun(
             source, self.epoch + epochs, in_memory, batch_size, val, eval_every, log_path, restore_best, patience,
             checkpoint_dir, checkpoint_every, checkpoint_unit, keep_last, progress,
