@@ -5,8 +5,10 @@ Two ways to use it:
 * the :class:`Trainer` with a strategy (:class:`FisherSparse`, :class:`RandomSparse`,
   :class:`EqualWeighting`, or any method by name through :func:`get_method`), or the ``fsmtl
   run`` command for the paper's comparison;
-* the pieces in your own loop: :func:`compute_masks` (Fisher top-K masks from per-task
-  batches) and :func:`masked_multitask_backward` (writes ``.grad``).
+* your own loop (or Lightning, or the Hugging Face Trainer) with :class:`FSMTL`: the mask
+  schedule, the masks and the masked backward in one object; or the pieces alone,
+  :func:`compute_masks` (Fisher top-K masks from per-task batches) and
+  :func:`masked_multitask_backward` (writes ``.grad``).
 
 Layers, each importing only the ones below it: ``tasks`` (what a task is: kind, loss, metrics,
 checks); the core (``gradients``, ``model``, ``estimators``, ``masks``, ``collectives``);
@@ -19,11 +21,12 @@ from .estimators import ESTIMATORS, task_scores
 from .gradients import ForwardRecord, MaskedBackwardStream, masked_multitask_backward, per_task_gradients
 from .masks import compute_masks
 from .model import MultiTaskModel, count_nonzero_shared
+from .schedule import MaskSchedule
+from .sparse_training import FSMTL
 from .strategies import (
     Composed,
     EqualWeighting,
     FisherSparse,
-    MaskSchedule,
     RandomSparse,
     Strategy,
     get_method,
@@ -32,6 +35,7 @@ from .tasks import Task
 
 __all__ = [
     "ESTIMATORS",
+    "FSMTL",
     "Composed",
     "EqualWeighting",
     "FisherSparse",
