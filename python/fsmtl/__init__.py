@@ -19,10 +19,9 @@ Trainer); ``run`` (the ``fsmtl`` command).
 from .engine import Trainer
 from .estimators import ESTIMATORS, task_scores
 from .gradients import ForwardRecord, MaskedBackwardStream, masked_multitask_backward, per_task_gradients
-from .masks import compute_masks
 from .model import MultiTaskModel, count_nonzero_shared
 from .schedule import MaskSchedule
-from .sparse_training import FSMTL
+from .sparse_training import FSMTL, compute_masks
 from .strategies import (
     Composed,
     EqualWeighting,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +14,7 @@ from torch.func import functional_call
 
 import fsmtl_kernels as fk
 
+from .files import atomic_write_bytes
 from .gradients import ForwardRecord
 
 
@@ -212,8 +211,8 @@ class MultiTaskModel(nn.Module):
                 "masked_entries": masked_size,
                 "mask_kept": kept,
             }
-            _atomic(directory / f"{name}.pt", lambda f, m=exported: torch.save(m, f))
-        _atomic(directory / "sparsity.json", lambda f: f.write(json.dumps(sparsity, indent=1).encode()))
+            atomic_write_bytes(directory / f"{name}.pt", lambda f, m=exported: torch.save(m, f))
+        atomic_write_bytes(directory / "sparsity.json", lambda f: f.write(json.dumps(sparsity, indent=1).encode()))
         return directory
 
     @torch.no_grad()
@@ -282,17 +281,3 @@ class _SavedMasked:
 def count_nonzero_shared(model: nn.Sequential) -> int:
     """Non-zero entries of an exported model's trunk (its first module)."""
     return int(sum(int(torch.count_nonzero(p)) for p in model[0].parameters()))
-
-
-def _atomic(path: Path, write) -> None:
-    """``write(file)`` to a temporary file beside ``path``, fsync, then rename it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,7 +30,7 @@ import torch
 import fsmtl_kernels as fk
 
 from ...estimators import task_scores
-from ...masks import compute_masks
+from ...sparse_training import compute_masks
 from ..method import Method
 from ..weighting.equal import EqualWeighting
 from .fisher import FisherSparse, _fisher_sparse
