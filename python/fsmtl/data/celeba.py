@@ -48,6 +48,8 @@ def read_attributes(attr_file: str | os.PathLike[str]) -> tuple[list[str], list[
     rows = lines[2:]
     if count != len(rows):
         raise ValueError(f"{path}: header says {count} images but the file has {len(rows)} rows")
+    if count == 0:
+        raise ValueError(f"{path}: holds no images (a well-formed but empty file)")
     files, values = [], np.empty((count, len(names)), dtype=np.int8)
     for i, row in enumerate(rows):
         fields = row.split()
@@ -159,6 +161,7 @@ def celeba(
         train=splits[0],
         val=splits[1],
         test=splits[2],
+        sources={"*": f"{attr_file}, images in {image_dir}"},
     )
 
 

@@ -46,6 +46,7 @@ def group_tasks(benchmark: Benchmark, groups: dict[str, tuple[str, ...]], name: 
         split(benchmark.train),
         split(benchmark.val),
         split(benchmark.test),
+        {k: v for k, v in benchmark.sources.items() if "/" not in k and k not in index},  # per-split/file, not per-task
     )
 
 

@@ -131,6 +131,7 @@ def cityscapes(
         train=splits[0],
         val=splits[1],
         test=splits[2],
+        sources={"train": str(root / "train"), "val": str(root / "train"), "test": str(root / "val")},
     )
 
 

@@ -88,13 +88,15 @@ def _read_pair(directory: Path, prefix: str, split: str, num_classes: int, label
         raise ValueError(f"{labels_path}: expected labels [n], got shape {tuple(labels.shape)}")
     if labels.shape[0] != images.shape[0]:
         raise ValueError(f"{labels_path} has {labels.shape[0]} labels but {images_path} has {images.shape[0]} images")
+    if images.shape[0] == 0:
+        raise ValueError(f"{images_path}: holds no images (a well-formed but empty file)")
     labels = labels.to(torch.int64) - label_offset
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(
             f"{labels_path}: labels must be in [{label_offset}, {num_classes + label_offset}), "
             f"got [{int(labels.min()) + label_offset}, {int(labels.max()) + label_offset}]"
         )
-    return images, labels
+    return images, labels, f"{images_path}, {labels_path}"
 
 
 def _limit(labels: torch.Tensor, limit: int | None, rng: np.random.Generator) -> np.ndarray:
@@ -153,10 +155,13 @@ def dkl_mnist(
         if not directory.is_dir():
             raise FileNotFoundError(f"data directory not found: {directory}")
     rng = np.random.default_rng(seed)
-    tasks, parts = [], []
+    tasks, parts, files = [], [], {}
     for t, (name, directory, prefix, num_classes, offset, transposed) in enumerate(sources):
-        tr_x, tr_y = _read_pair(directory, prefix, "train", num_classes, offset)
-        te_x, te_y = _read_pair(directory, prefix, "t10k" if prefix == "" else "test", num_classes, offset)
+        tr_x, tr_y, files[f"train/{name}"] = _read_pair(directory, prefix, "train", num_classes, offset)
+        te_x, te_y, files[f"test/{name}"] = _read_pair(
+            directory, prefix, "t10k" if prefix == "" else "test", num_classes, offset
+        )
+        files[f"val/{name}"] = files[f"train/{name}"]
         if tr_x.shape[1:] != te_x.shape[1:] or tuple(tr_x.shape[1:]) != (28, 28):
             raise ValueError(
                 f"{directory}: images must be 28x28, got train {tuple(tr_x.shape[1:])} and test {tuple(te_x.shape[1:])}"
@@ -190,4 +195,5 @@ def dkl_mnist(
         train=splits[0],
         val=splits[1],
         test=splits[2],
+        sources=files,
     )

@@ -43,16 +43,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike[str], mode: str, write) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it onto
-    ``path`` and fsync the directory: a reader (or a kill -9) sees the old file or the new one."""
+class _Watched:
+    """A file whose ``write`` remembers the ``OSError`` it raised (for writers that swallow it)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def write_atomically(path: str | os.PathLike[str], mode: str, write, *, newline: str | None = None) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path`` (opened with ``mode``), fsync it,
+    then ``os.replace`` it onto ``path`` and fsync the directory: a reader (or a kill -9) sees the
+    old file or the new one. An ``OSError`` is re-raised with ``filename`` = ``path``."""
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, mode) as f:
-            write(f)
+        with os.fdopen(fd, mode, newline=newline) as f:
+            watched = _Watched(f)
+            try:
+                write(watched)
+            except RuntimeError:
+                # torch.save turns the OSError of a failed write of its zip stream into a RuntimeError.
+                if watched.error is None:
+                    raise
+                raise watched.error from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,8 +86,6 @@ def _atomic_write(path: str | os.PathLike[str], mode: str, write) -> Path:
         _fsync_dir(path.parent)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except RuntimeError as exc:  # torch.save reports a failed write of its zip stream as RuntimeError
-        raise OSError(None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, str(path)) from exc
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -70,12 +94,12 @@ def _atomic_write(path: str | os.PathLike[str], mode: str, write) -> Path:
 
 def atomic_save(obj, path: str | os.PathLike[str]) -> Path:
     """``torch.save(obj)`` to ``path`` atomically (tmp file in the same dir, fsync, ``os.replace``)."""
-    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+    return write_atomically(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> Path:
     """Write ``text`` to ``path`` atomically, as :func:`atomic_save`."""
-    return _atomic_write(path, "w", lambda f: f.write(text))
+    return write_atomically(path, "w", lambda f: f.write(text))
 
 
 def checkpoints(directory: str | os.PathLike[str]) -> list[Path]:

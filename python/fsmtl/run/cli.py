@@ -2,9 +2,11 @@
 ``fsmtl benchmarks`` lists the benchmarks and their options; ``fsmtl info`` describes the install.
 
 Everything ``fsmtl run`` can check before training (names, ``-o`` values, the methods' packages,
-the output directory) is checked first: a misuse ends with one ``fsmtl: error: ...`` line and exit
-code 2 before anything trains. SIGINT/SIGTERM stop after the current step, the finished runs'
-results are written, and the command exits with code 130 (see :func:`run_command`).
+the output directory and its lock, every split of the benchmark, a resumed run's fingerprint) is
+checked first: a misuse ends with one ``fsmtl: error: ...`` line and exit code 2 before anything
+trains. SIGINT/SIGTERM stop after the current step, the finished runs' results are written, and
+the command exits with code 130; a file that cannot be written ends in one line naming it, with
+the finished runs kept, and exit code 1 (see :func:`run_command`).
 """
 
 from __future__ import annotations
@@ -209,13 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(args) -> tuple:
+def _resolve(args, held) -> tuple:
     """Settings, checkpoint store, loaded benchmark and the old output files to clear: every check
-    that can run before training, in an order where a failure leaves nothing behind."""
+    that can run before training, in an order where a failure leaves nothing behind. ``--out`` and
+    the checkpoint directory are locked (in ``held``, a :class:`fsmtl.run.outputs.Locks`) before
+    anything is written to them."""
     from .experiment import ExperimentConfig
     from .preflight import check_benchmark, check_output, check_writable_dir, parse_options
     from .presets import resolve_settings
-    from .resume import RUN_FILE, prepare
+    from .resume import RUN_FILE, prepare, read_run_file
 
     # Every option but --option/--out/--no-progress/--overwrite is named like an ExperimentConfig field.
     settings = {f.name: getattr(args, f.name) for f in fields(ExperimentConfig) if hasattr(args, f.name)}
@@ -224,16 +228,24 @@ def _resolve(args) -> tuple:
     settings = resolve_settings(settings, given, args.preset)  # --preset, then the benchmark's run defaults
     benchmark = settings["benchmark"]
     if args.resume is not None and "benchmark" not in given and (args.resume / RUN_FILE).is_file():
-        benchmark = json.loads((args.resume / RUN_FILE).read_text()).get("benchmark", benchmark)
+        benchmark = read_run_file(args.resume).get("benchmark", benchmark)
     check_benchmark(benchmark)
     settings["benchmark_options"] = {**settings["benchmark_options"], **parse_options(benchmark, args.option)}
     if args.resume is None:
         ExperimentConfig(**settings)  # validate before the checkpoint directory is written
+        check_writable_dir(args.out, "--out")
+        _lock(held, args.out, "--out")
         check_output(args.out, overwrite=args.overwrite)
         if args.checkpoint_dir is not None:
             check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
+            _lock(held, args.checkpoint_dir, "--checkpoint-dir")
+    elif args.resume.is_dir():
+        _lock(held, args.resume, "--checkpoint-dir")
     explicit = given if args.resume is not None else set()
     settings, store = prepare(args, settings, explicit)  # --resume: the saved settings; sets args.out
+    if args.resume is not None:
+        check_writable_dir(args.out, "--out")
+        _lock(held, args.out, "--out")
     cfg = ExperimentConfig(**settings)
     from ..data import load_benchmark
 
@@ -242,44 +254,116 @@ def _resolve(args) -> tuple:
     return cfg, store, data, old
 
 
-def _write_partial(args, cfg, stop) -> Path:
-    """``--out/partial-results.json``: the finished runs' metrics, the run that was stopped, settings."""
-    from ..engine.checkpoint import atomic_write_text
-    from .info import environment
-    from .preflight import PARTIAL_RESULTS
-    from .resume import _jsonable
+def _lock(held, directory: Path, flag: str) -> None:
+    """Lock ``directory`` for this command (:class:`fsmtl.run.outputs.Locks`); rank 0 alone in a
+    multi-process run (the others write into their own scratch folders)."""
+    from ..collectives import is_main_process
 
-    partial = {
+    if is_main_process():
+        held.lock(directory, flag)
+
+
+def _partial(args, cfg, stop) -> dict:
+    """The finished runs' metrics, the run that was stopped, settings, command and environment."""
+    from .fingerprint import jsonable
+    from .info import environment
+
+    return {
         "interrupted": str(stop) or type(stop).__name__,
         "interrupted_run": getattr(stop, "interrupted_run", None),
         "finished_runs": getattr(stop, "finished_runs", []),
-        "config": _jsonable(vars(cfg)),
+        "config": jsonable(vars(cfg)),
         "command": args.command_line,
         "environment": environment(cfg.device),
     }
-    return atomic_write_text(json.dumps(partial, indent=1), args.out / PARTIAL_RESULTS)
+
+
+def _write_partial(args, cfg, stop) -> Path:
+    """``--out/partial-results.json``: see :func:`_partial`."""
+    from ..engine.checkpoint import atomic_write_text
+    from .preflight import PARTIAL_RESULTS
+
+    return atomic_write_text(json.dumps(_partial(args, cfg, stop), indent=1), args.out / PARTIAL_RESULTS)
+
+
+def _write_failed(args, cfg, store, exc: OSError, results: dict | None) -> int:
+    """An ``OSError`` while writing (a checkpoint, a result, an output): keep what finished where
+    it can be written, and say in one line which file failed, why, and where the runs are."""
+    from .outputs import keep_finished
+    from .preflight import PARTIAL_RESULTS
+
+    target = exc.filename or "a file"
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    payload = _partial(args, cfg, exc)
+    payload["interrupted"] = f"cannot write {target}: {cause}"
+    if results is not None:
+        payload["results"] = results  # training finished: all of it, for the outputs that could not be written
+        count = sum(len(m.get("runs", [])) for m in results["methods"].values())
+    else:
+        count = len(payload["finished_runs"])
+    places = [args.out / PARTIAL_RESULTS]
+    if store is not None:
+        places.insert(0, store.directory / PARTIAL_RESULTS)
+    kept = keep_finished(payload, places)
+    where = (
+        f"{count} finished run(s) kept in {kept}" if kept else f"{count} finished run(s) could not be written anywhere"
+    )
+    how = f"; continue with: fsmtl run --resume {store.directory}" if store is not None else ""
+    print(f"fsmtl: error: cannot write {target}: {cause}; {where}{how}", file=sys.stderr)
+    return 1
+
+
+def _space_warnings(args, cfg, data, store, runs: int) -> None:
+    """Warn when ``--out`` or the checkpoint directory has less free space than the run writes."""
+    from ..collectives import is_main_process
+    from ..models import build_model
+    from .outputs import expected_bytes, space_warnings
+
+    if not is_main_process():
+        return
+    parameters = sum(p.numel() for p in build_model(data, hidden=cfg.hidden, backbone=cfg.model).parameters())
+    keep_last = store.keep_last if store is not None else 0
+    need = expected_bytes(parameters, runs, len(cfg.methods) + 2, keep_last)
+    needs = {args.out: ("--out", need["outputs"])}
+    if store is not None:
+        needs[store.directory] = ("--checkpoint-dir", need["checkpoints"])
+    for message in space_warnings(needs):
+        warnings.warn(message, UserWarning, stacklevel=2)
 
 
 def run_command(args) -> int:
     """``fsmtl run``: checks, then the experiment, then the results in ``--out``.
 
-    On SIGINT/SIGTERM the current step finishes, the finished runs are written to
-    ``--out/partial-results.json`` (and with ``--checkpoint-dir`` the interrupted run is
-    checkpointed, so ``--resume`` continues it), one line says what was kept, and the exit code is 130.
+    ``--out`` and ``--checkpoint-dir`` are locked for the whole command (a second command on them
+    stops before training). On SIGINT/SIGTERM the current step finishes, the finished runs are
+    written to ``--out/partial-results.json`` (and with ``--checkpoint-dir`` the interrupted run is
+    checkpointed, so ``--resume`` continues it), one line says what was kept, and the exit code is
+    130. An ``OSError`` while writing anything ends in one line naming the file and the cause and
+    where the finished runs were kept, exit code 1. The outputs are written atomically,
+    ``results.json`` last.
     """
+    from .outputs import Locks
+
+    with Locks() as held:
+        return _run(args, held)
+
+
+def _run(args, held) -> int:
     from ..engine.checkpoint import TrainingInterrupted
     from .experiment import run_experiment
+    from .outputs import write_outputs
     from .preflight import PARTIAL_RESULTS, clear_output
     from .progress import Progress
     from .protocol import planned_runs
-    from .report import format_table, plot_figures, write_csv, write_json
+    from .report import format_table
     from .resume import interrupted, stop_on_signals
 
-    cfg, store, data, old = _resolve(args)
+    cfg, store, data, old = _resolve(args, held)
+    runs = sum(planned_runs(m, cfg.keep_ratios, cfg.select_seeds, cfg.seeds) for m in cfg.methods)
+    _space_warnings(args, cfg, data, store, runs)
     clear_output(old)  # --overwrite: the earlier run's files go before this run writes any
     progress = None
     if not args.no_progress:
-        runs = sum(planned_runs(m, cfg.keep_ratios, cfg.select_seeds, cfg.seeds) for m in cfg.methods)
         progress = Progress(runs, stream=sys.stderr)
     with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step (checkpoint with --checkpoint-dir)
         try:
@@ -295,14 +379,15 @@ def run_command(args) -> int:
                 how = "no --checkpoint-dir, so a new run starts over (add --checkpoint-dir DIR to make runs resumable)"
             print(f"fsmtl: interrupted ({where}); {kept} finished run(s) kept in {path}; {how}", file=sys.stderr)
             return 130
+        except OSError as exc:
+            return _write_failed(args, cfg, store, exc, None)
     results["command"] = args.command_line
-    table = format_table(results)
-    (args.out / "table.txt").write_text(table + "\n")
-    write_json(results, args.out / "results.json")
-    write_csv(results, args.out / "results.csv")
-    figures = plot_figures(results, args.out)
+    try:
+        figures = write_outputs(results, args.out)
+    except OSError as exc:
+        return _write_failed(args, cfg, store, exc, results)
     (args.out / PARTIAL_RESULTS).unlink(missing_ok=True)  # superseded by the complete results
-    print(table)
+    print(format_table(results))
     print(
         f"\n{results['seconds']:.0f} s; wrote {args.out}/results.json, results.csv, table.txt, "
         + ", ".join(p.name for p in figures)

@@ -24,6 +24,7 @@ from ..model import count_nonzero_shared
 from ..models import BACKBONES, build_model
 from ..strategies import MaskSchedule, Method, MethodOptions, get_method
 from ..tasks import average_metrics, average_rank, primary_score
+from .fingerprint import run_fingerprint
 from .info import environment
 from .preflight import check_methods
 from .protocol import check_seed_split, run_protocol, score_record
@@ -140,9 +141,7 @@ def train_once(
 def _train_model(
     benchmark: Benchmark, spec: Method, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress, store=None
 ) -> dict:
-    run_dir = store.run_dir(spec.name, seed, keep_ratio, benchmark.tasks) if store is not None else None
-    if run_dir is not None and (done := store.finished(run_dir)) is not None:
-        return done  # each run seeds itself below, so skipping a finished one changes no other
+    # Each run seeds itself here, so a finished run read back below changes no other run.
     torch.manual_seed(seed)
     model = build_model(benchmark, hidden=cfg.hidden, backbone=cfg.model).to(cfg.device)
     strategy = spec.build(method_options(keep_ratio, cfg))
@@ -150,6 +149,10 @@ def _train_model(
     trainer = Trainer(
         model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed, amp=cfg.amp
     )
+    trainer.fingerprint.update(run_fingerprint(asdict(cfg)))  # its checkpoints and result name the run's settings
+    run_dir = store.run_dir(spec.name, seed, keep_ratio, benchmark.tasks) if store is not None else None
+    if run_dir is not None and (done := store.finished(run_dir, trainer.fingerprint)) is not None:
+        return done
     if store is not None:
         history = store.train(
             trainer, benchmark.train, epochs=cfg.epochs, batch_size=cfg.batch_size, run_dir=run_dir, progress=progress
@@ -171,7 +174,7 @@ def _train_model(
                 count_nonzero_shared(model.export_task(t, strategy.forward_mask(t)))
                 for t in range(len(benchmark.tasks))
             ]
-    return store.finish(run_dir, result) if store is not None else result
+    return store.finish(run_dir, result, trainer.fingerprint) if store is not None else result
 
 
 def run_label(method: str, seed: int, keep_ratio: float) -> str:
@@ -204,9 +207,12 @@ def run_experiment(
     ``progress``: a :class:`fsmtl.run.progress.Progress` (one bar per run). A stop request
     (SIGINT/SIGTERM under :func:`fsmtl.run.resume.stop_on_signals`) or a ``KeyboardInterrupt`` is
     re-raised with ``finished_runs`` (the runs done so far: method, seed, keep ratio, val and test
-    metrics) and ``interrupted_run`` (the label of the run it stopped) attached.
+    metrics) and ``interrupted_run`` (the label of the run it stopped) attached; so is an ``OSError``
+    (a checkpoint that could not be written). Every split of the benchmark is checked before the
+    first run trains (:meth:`fsmtl.data.Benchmark.check`).
     """
     benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
+    benchmark.check()  # every split of every task, before the first run trains
     notes = split_warnings(benchmark)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
@@ -241,7 +247,7 @@ def run_experiment(
             best = outcome.chosen
             methods[method] = _summarize(method, best, outcome.val_scores, outcome.reported[best], benchmark)
             methods[method]["runs"] = [r for r in records if r["method"] == method]
-    except (ckpt.TrainingInterrupted, KeyboardInterrupt) as stop:
+    except (ckpt.TrainingInterrupted, KeyboardInterrupt, OSError) as stop:
         stop.finished_runs = finished_runs
         stop.interrupted_run = label
         raise
@@ -278,6 +284,7 @@ def run_experiment(
         "ended_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "environment": environment(cfg.device),
         "seconds": time.perf_counter() - started,
+        "fingerprint": run_fingerprint(asdict(cfg)),
         **run_record(),  # several processes: world_size and backend
     }
 

@@ -1,6 +1,7 @@
 """Checks ``fsmtl run`` makes before any training: benchmark and method names, every ``-o`` value
 typed against the benchmark builder's signature, and the output directory (writable, created if
-missing, not holding another run's results unless ``--overwrite``).
+missing, not holding another run's results unless ``--overwrite``; a resumed run replaces the
+outputs its own interrupted write left).
 
 Every failure is a :class:`PreflightError` (a ``ValueError``) whose message is one line; the
 command prints it as ``fsmtl: error: ...`` and exits with code 2.
@@ -216,10 +217,18 @@ def check_output(out: Path, *, overwrite: bool, resume: bool = False) -> list[Pa
     files that :func:`clear_output` removes once every other check has passed."""
     check_writable_dir(out, "--out")
     old = old_results(out)
+    complete = (out / "results.json").is_file()
     if resume:
-        old = [p for p in old if p.name != PARTIAL_RESULTS]
+        # Its own interrupted run's partial results, and the outputs of a write that stopped before
+        # results.json (written last), are the resumed run's to replace.
+        old = [p for p in old if p.name != PARTIAL_RESULTS] if complete else []
     if old and not overwrite:
         names = ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+        if not complete and not (out / PARTIAL_RESULTS).is_file():
+            raise PreflightError(
+                f"--out {out} holds the outputs of a run that stopped while writing them ({names}; no results.json): "
+                "resume that run with --resume DIR, pass --overwrite to replace them, or choose another --out"
+            )
         raise PreflightError(
             f"--out {out} holds another run's results ({names}); pass --overwrite to replace them "
             "or choose another --out"

@@ -1,11 +1,17 @@
-"""Results of :func:`fsmtl.run.experiment.run_experiment` as a table, JSON, CSV and figures."""
+"""Results of :func:`fsmtl.run.experiment.run_experiment` as a table, JSON, CSV and figures.
+
+Every file is written atomically (a temporary file beside it, fsync, rename): a reader or a kill
+sees the previous file or the complete new one, never a torn one.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from ..engine.checkpoint import atomic_write_text, write_atomically
 from ..strategies import Method, get_method
 from ..tasks.metrics import METRIC_DIRECTION
 
@@ -87,7 +93,7 @@ def paired_lines(results: dict) -> list[str]:
 
 
 def write_json(results: dict, path: Path) -> None:
-    path.write_text(json.dumps(results, indent=2))
+    atomic_write_text(json.dumps(results, indent=2), path)
 
 
 def write_csv(results: dict, path: Path) -> None:
@@ -98,28 +104,27 @@ def write_csv(results: dict, path: Path) -> None:
     tasks = [t["name"] for t in results["benchmark"]["tasks"]]
     names = _metric_names(results)
     seeds = results["config"]["seeds"]
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", "keep_ratio", "statistic", "seed", "task", *names, "avg_rank"])
+    f = io.StringIO(newline="")  # the rows go to memory, then to the file at once (atomically)
+    writer = csv.writer(f)
+    writer.writerow(["method", "keep_ratio", "statistic", "seed", "task", *names, "avg_rank"])
 
-        def row(method, r, statistic, seed, task, metrics, rank=""):
-            writer.writerow(
-                [method, r["keep_ratio"], statistic, seed, task, *[metrics.get(n, "") for n in names], rank]
-            )
+    def row(method, r, statistic, seed, task, metrics, rank=""):
+        writer.writerow([method, r["keep_ratio"], statistic, seed, task, *[metrics.get(n, "") for n in names], rank])
 
-        for method, r in results["methods"].items():
-            rank = "" if r.get("avg_rank") is None else r["avg_rank"]
-            for task, metrics in zip(tasks, r["test_per_task"]):
-                row(method, r, "mean", "", task, metrics)
-            row(method, r, "mean", "", "average", r["test_mean"], rank)
-            for task, metrics in zip(tasks, r.get("test_per_task_std", [])):
-                row(method, r, "std", "", task, metrics)
-            row(method, r, "std", "", "average", r["test_std"])
-            per_task = r.get("test_per_seed_per_task", [])
-            for i, seed in enumerate(seeds):
-                for task, metrics in zip(tasks, per_task[i] if i < len(per_task) else []):
-                    row(method, r, "seed", seed, task, metrics)
-                row(method, r, "seed", seed, "average", r["test_per_seed"][i])
+    for method, r in results["methods"].items():
+        rank = "" if r.get("avg_rank") is None else r["avg_rank"]
+        for task, metrics in zip(tasks, r["test_per_task"]):
+            row(method, r, "mean", "", task, metrics)
+        row(method, r, "mean", "", "average", r["test_mean"], rank)
+        for task, metrics in zip(tasks, r.get("test_per_task_std", [])):
+            row(method, r, "std", "", task, metrics)
+        row(method, r, "std", "", "average", r["test_std"])
+        per_task = r.get("test_per_seed_per_task", [])
+        for i, seed in enumerate(seeds):
+            for task, metrics in zip(tasks, per_task[i] if i < len(per_task) else []):
+                row(method, r, "seed", seed, task, metrics)
+            row(method, r, "seed", seed, "average", r["test_per_seed"][i])
+    write_atomically(path, "w", lambda out: out.write(f.getvalue()), newline="")
 
 
 def _bounded(metric: str) -> bool:
@@ -165,9 +170,7 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
     )
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    paths.append(out_dir / f"per_task_{metric}.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / f"per_task_{metric}.png"))
     sparse = [m for m in methods if (results["methods"][m].get("mask") or {}).get("overlap")]
     for m in sparse:
         mask = results["methods"][m]["mask"]
@@ -193,9 +196,7 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
                 1.1, random, "random", color="red", va="center", fontsize=7, transform=bar.ax.get_yaxis_transform()
             )
         fig.tight_layout()
-        paths.append(out_dir / f"overlap_{m}.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out_dir / f"overlap_{m}.png"))
     paths += plot_keep_ratio_curves(results, out_dir)
     return paths
 
@@ -239,7 +240,14 @@ def plot_keep_ratio_curves(results: dict, out_dir: Path) -> list[Path]:
     ax.set_title(f"{results['benchmark']['name']}: test score by keep ratio, selection seeds {seeds}", fontsize="small")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = out_dir / "keep_ratio_curve.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out_dir / "keep_ratio_curve.png")]
+
+
+def _save(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return write_atomically(path, "wb", lambda f: fig.savefig(f, format="png", dpi=120))
+    finally:
+        plt.close(fig)

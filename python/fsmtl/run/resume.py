@@ -4,19 +4,27 @@ with ``fsmtl run --resume DIR``, and stopping cleanly on SIGINT/SIGTERM.
 Layout of DIR::
 
     run.json                      the run's settings (ExperimentConfig fields, --out, checkpoint options)
+                                  and its fingerprint (fsmtl.run.fingerprint)
     runs/<method>-p<ratio>-s<seed>-<tasks>/
         ckpt-<step>.pt            Trainer checkpoints (atomic, newest kept)
-        result.pt                 the finished run's result (atomic); its presence means "done"
+        result.pt                 the finished run's result and fingerprint (atomic); its presence means "done"
 
 Every file is written atomically (:mod:`fsmtl.engine.checkpoint`), so ``kill -9`` at any moment leaves a
 directory that resumes: finished runs are read back, the interrupted one continues from its newest
 checkpoint bit for bit, and the final results equal an uninterrupted run's (timing fields aside).
+
+Every checkpoint and result carries the run's fingerprint: ``--resume`` refuses, before anything
+trains, a directory of another process count or version, and any checkpoint or result of another
+run copied into it, naming each differing setting. Damaged files never end in a traceback: an
+unreadable checkpoint is skipped with a warning (the next older one is used), an unreadable result
+is trained again with a warning, an unreadable ``run.json`` is named.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,8 +32,13 @@ import torch
 
 from ..collectives import barrier, is_main_process
 from ..engine import checkpoint as ckpt
+from ..engine.fingerprint import check_same_run
+from .fingerprint import check_resumable, jsonable, run_fingerprint, run_part
 
 RUN_FILE = "run.json"
+RESULT_FILE = "result.pt"
+#: Marks a finished run's file (and its layout): ``{RESULT_KEY: 1, "fingerprint": ..., "result": ...}``.
+RESULT_KEY = "fsmtl_result"
 
 
 class RunStore:
@@ -45,9 +58,19 @@ class RunStore:
         names = "+".join(t.name for t in tasks) if len(tasks) == 1 else f"{len(tasks)}tasks"
         return self.directory / "runs" / f"{method}-p{keep_ratio:g}-s{seed}-{names}"
 
-    def finished(self, run_dir: Path) -> dict | None:
-        path = run_dir / "result.pt"
-        return torch.load(path, weights_only=False) if path.is_file() else None
+    def finished(self, run_dir: Path, fingerprint: dict) -> dict | None:
+        """The finished result of ``run_dir``, None when it has none (or an unreadable one, which is
+        named in a warning: the run is trained again); ``ValueError`` when it is another run's."""
+        path = run_dir / RESULT_FILE
+        if not path.is_file():
+            return None
+        try:
+            record = read_result(path)
+        except ValueError as exc:
+            warnings.warn(f"{exc}; the run is trained again", UserWarning, stacklevel=2)
+            return None
+        check_same_run(record["fingerprint"], fingerprint, str(path))
+        return record["result"]
 
     def train(self, trainer, train, *, epochs: int, batch_size: int, run_dir: Path, progress=None) -> dict:
         """Resume ``trainer`` from ``run_dir``'s newest checkpoint (if any) and train it up to
@@ -66,15 +89,53 @@ class RunStore:
             progress=progress,
         )
 
-    def finish(self, run_dir: Path, result: dict) -> dict:
+    def finish(self, run_dir: Path, result: dict, fingerprint: dict) -> dict:
         if is_main_process():  # rank 0 alone writes in a multi-process run
-            ckpt.atomic_save(result, run_dir / "result.pt")
+            ckpt.atomic_save({RESULT_KEY: 1, "fingerprint": fingerprint, "result": result}, run_dir / RESULT_FILE)
             for path in ckpt.checkpoints(run_dir):
                 path.unlink(missing_ok=True)  # the result is all a finished run needs
         return result
 
     def finished_count(self) -> int:
-        return sum(1 for _ in self.directory.glob("runs/*/result.pt"))
+        return sum(1 for _ in self.directory.glob(f"runs/*/{RESULT_FILE}"))
+
+    def finished_results(self) -> dict[str, dict]:
+        """The readable finished results by run name (unreadable ones are left out)."""
+        out = {}
+        for path in sorted(self.directory.glob(f"runs/*/{RESULT_FILE}")):
+            try:
+                out[path.parent.name] = read_result(path)["result"]
+            except ValueError:
+                continue
+        return out
+
+    def check_runs(self, run: dict) -> None:
+        """Refuse a result or newest checkpoint of another run (run fingerprint ``run``) under
+        ``runs/``, before anything trains; damaged files are left to the warnings of their use."""
+        for run_dir in sorted(self.directory.glob("runs/*")):
+            candidates = [run_dir / RESULT_FILE] if (run_dir / RESULT_FILE).is_file() else []
+            candidates += list(reversed(ckpt.checkpoints(run_dir)))[:1]
+            for path in candidates:
+                try:
+                    fp = read_result(path)["fingerprint"] if path.name == RESULT_FILE else ckpt.read_state(path)
+                except ValueError:
+                    continue
+                if path.name != RESULT_FILE:
+                    fp = fp.get("fingerprint")
+                check_same_run(run_part(fp, run) if isinstance(fp, dict) else fp, run, str(path))
+
+
+def read_result(path: Path) -> dict:
+    """A finished run's record (``RESULT_KEY``, ``fingerprint``, ``result``); ``ValueError``
+    naming the file and the damage when it does not load or holds something else."""
+    try:
+        record = torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (garbage bytes raise anything from the unpickler)
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}{': ' + cause if cause else ''})") from None
+    if not isinstance(record, dict) or record.get(RESULT_KEY) != 1 or not {"fingerprint", "result"} <= set(record):
+        raise ValueError(f"{path} is unreadable (not a finished-run record of this fsmtl version)")
+    return record
 
 
 def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | None]:
@@ -93,22 +154,22 @@ def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | 
     settings = {**settings, "out": str(args.out), "checkpoint_every": args.checkpoint_every}
     if resume_dir is not None:
         directory = Path(resume_dir)
-        path = directory / RUN_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {directory}: no {RUN_FILE} there (not a fsmtl checkpoint directory)")
-        saved = json.loads(path.read_text())
+        saved = read_run_file(directory)
         if new_dir is not None and Path(new_dir) != directory:
             raise ValueError(f"--checkpoint-dir {new_dir} conflicts with --resume {directory}")
         if "option" in explicit:
             explicit = explicit | {"benchmark_options"}
         for name, value in settings.items():
-            if name in explicit and _jsonable(value) != saved.get(name):
+            if name in explicit and jsonable(value) != saved.get(name):
                 flag = "-o" if name == "benchmark_options" else "--" + name.replace("_", "-")
                 raise ValueError(
-                    f"{flag} {_jsonable(value)!r} conflicts with the checkpointed run's {saved.get(name)!r} "
+                    f"{flag} {jsonable(value)!r} conflicts with the checkpointed run's {saved.get(name)!r} "
                     f"(omit it or repeat the original value)"
                 )
+        fingerprint = saved.pop("fingerprint", None)
         settings = dict(saved)
+        check_resumable(fingerprint, settings, directory)
+        RunStore(directory).check_runs(run_fingerprint(settings))
     else:
         directory = Path(new_dir)
         path = directory / RUN_FILE
@@ -117,9 +178,11 @@ def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | 
                 raise ValueError(
                     f"--checkpoint-dir {directory} already holds a run; continue it with --resume {directory}"
                 )
-            ckpt.atomic_write_text(json.dumps({k: _jsonable(v) for k, v in settings.items()}, indent=1), path)
+            record = {**{k: jsonable(v) for k, v in settings.items()}, "fingerprint": run_fingerprint(settings)}
+            ckpt.atomic_write_text(json.dumps(record, indent=1), path)
         barrier()
-        settings = json.loads(path.read_text())
+        settings = read_run_file(directory)
+        settings.pop("fingerprint", None)
     store = RunStore(directory, every=settings.pop("checkpoint_every"))
     out = Path(settings.pop("out"))
     if is_main_process():  # other ranks keep the scratch folder fsmtl.run.launcher gave them
@@ -127,16 +190,21 @@ def prepare(args, settings: dict, explicit: set[str]) -> tuple[dict, RunStore | 
     return settings, store
 
 
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+def read_run_file(directory: Path) -> dict:
+    """``DIR/run.json``; ``FileNotFoundError``/``ValueError`` naming it when missing or unreadable."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {directory}: no {RUN_FILE} there (not a fsmtl checkpoint directory)")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(
+            f"--resume {directory}: {path} is unreadable ({exc}); it holds the run's settings, without which the run "
+            "cannot be resumed"
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume {directory}: {path} is unreadable (holds a {type(saved).__name__}, not settings)")
+    return saved
 
 
 @contextmanager
@@ -167,10 +235,7 @@ def interrupted(store: RunStore | None, stop: Exception) -> str:
     line the command prints."""
     if store is None:
         return f"fsmtl: interrupted ({stop}); no --checkpoint-dir, nothing saved"
-    finished = {}
-    for path in sorted(store.directory.glob("runs/*/result.pt")):
-        result = torch.load(path, weights_only=False)
-        finished[path.parent.name] = {"val": result["val"], "test": result["test"]}
+    finished = {name: {"val": r["val"], "test": r["test"]} for name, r in store.finished_results().items()}
     if is_main_process():
         ckpt.atomic_write_text(json.dumps(finished, indent=1), store.directory / "partial-results.json")
     return (
