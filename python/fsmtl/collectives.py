@@ -11,6 +11,20 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+_entered = 0
+
+
+def entered() -> None:
+    """Count one collective this process enters (the step's all-reduces, a mask update's): a rank
+    whose count stays behind the others' is the one that hangs (:mod:`fsmtl.run.launcher`)."""
+    global _entered
+    _entered += 1
+
+
+def collectives_entered() -> int:
+    """How many collectives this process has entered."""
+    return _entered
+
 
 def world(group=None) -> tuple[int, int] | None:
     """``(rank, world_size)`` when a process group with more than one rank is initialized, else None."""
@@ -54,6 +68,7 @@ def reduce_scores(per_task: list[list[torch.Tensor]], counts: Sequence[int], gro
     weights = torch.tensor(counts, dtype=torch.float32, device=device)
     flat = torch.cat([torch.cat([s.reshape(-1).float() for s in task]) * w for task, w in zip(per_task, weights)])
     flat = torch.cat([flat, weights])
+    entered()
     dist.all_reduce(flat, group=group)
     totals = flat[-len(per_task) :]
     out, offset = [], 0
@@ -82,6 +97,7 @@ def check_identical(mask, group=None) -> None:
         return
     c = mask_checksum(mask.words)
     buf = torch.tensor([c, -c], dtype=torch.int64, device=mask.words.device)
+    entered()
     dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
     if int(buf[0]) != -int(buf[1]):
         raise RuntimeError(

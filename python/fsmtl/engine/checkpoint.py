@@ -43,6 +43,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 class _Watched:
     """A file whose ``write`` remembers the ``OSError`` it raised (for writers that swallow it)."""
 
@@ -70,6 +76,7 @@ def write_atomically(path: str | os.PathLike[str], mode: str, write, *, newline:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others: as open() would
         with os.fdopen(fd, mode, newline=newline) as f:
             watched = _Watched(f)
             try:

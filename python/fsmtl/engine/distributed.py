@@ -11,8 +11,10 @@ initialized (``torchrun``, ``fsmtl run --nproc N`` or a user's own script):
   so no ``retain_graph`` inside DDP's reducer); then :class:`GradientSync` sums the combined shared
   and head gradients, weighted by each rank's share of the batch, with **one** ``all_reduce`` over
   one flat buffer: as many numbers as plain data-parallel training moves, not T times that. The T
-  loss values (and a stop flag) travel in a second all-reduce of ``T + 1`` numbers before the
-  backward, so every rank agrees on non-finite losses and on stop requests.
+  loss values, a stop flag and one flag per rank (its own losses were not finite) travel in a
+  second all-reduce of ``T + 1 + W`` numbers before the backward, so every rank agrees on
+  non-finite losses (and knows which rank saw them) and on stop requests: a non-finite value on
+  one rank stops every rank at that step.
 * **Mask update**: the N Fisher samples are split across ranks (:func:`shard_sampler`); the scores
   and masks are then combined by :mod:`fsmtl.collectives`.
 """
@@ -24,7 +26,12 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..collectives import world
+
+#: The ranks whose own losses were not finite at the latest step that had any (for the message
+#: that stops every rank); empty when none had.
+nonfinite_ranks: list[int] = []
 
 
 def shares(n: int, rank: int, size: int) -> torch.Tensor:
@@ -91,11 +98,20 @@ class GradientSync:
         return new_inputs, [y[i] for y, i in zip(targets, idx)]
 
     def reduce_losses(self, values: torch.Tensor, stop: bool) -> torch.Tensor:
-        """The global batch's mean loss per task (float64 ``[T]``); also agrees on ``stop``."""
-        buf = torch.cat([values.double() * self.weight, torch.tensor([1.0 if stop else 0.0], dtype=torch.float64)])
+        """The global batch's mean loss per task (float64 ``[T]``); also agrees on ``stop`` and
+        records in :data:`nonfinite_ranks` which ranks' own losses were not finite."""
+        flags = torch.zeros(self.size + 1, dtype=torch.float64)
+        flags[0] = 1.0 if stop else 0.0
+        flags[1 + self.rank] = 0.0 if bool(torch.isfinite(values).all()) else 1.0
+        t = values.numel()
+        buf = torch.cat([values.double() * self.weight, flags])
+        collectives.entered()
         dist.all_reduce(buf, group=self.group)
-        self.stop = bool(buf[-1] > 0)
-        return buf[:-1].to(values.dtype)
+        self.stop = bool(buf[t] > 0)
+        bad = [r for r in range(self.size) if buf[t + 1 + r] > 0]
+        if bad:
+            nonfinite_ranks[:] = bad
+        return buf[:t].to(values.dtype)
 
     def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
         """``.grad = sum_r w_r * grad_r`` with one all-reduce of one flat buffer (a parameter
@@ -106,6 +122,7 @@ class GradientSync:
         ref = params[0]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).to(ref.dtype) for g in grads]).mul_(self.weight)
+        collectives.entered()
         dist.all_reduce(flat, group=self.group)
         self.bytes_per_step = flat.numel() * flat.element_size()
         offset = 0
