@@ -56,11 +56,71 @@ class MultiTaskModel(nn.Module):
         # the masks (only when trunk parameters stay outside them).
         self._boundary_modules = list(masked_modules or ()) if self.dense_shared_parameters() else []
         self._streamed = False  # inside streamed_forwards()
+        # A copy of the unsharded model on the meta device, kept by shard() so that full_copy()
+        # can rebuild plain modules from the gathered weights; None while the model is not sharded.
+        self._template: MultiTaskModel | None = None
         # Masked nn.Linear modules: (module name, index of its weight in masked_parameters()).
         index = {n: i for i, n in enumerate(self._masked_names)}
         self._masked_linears = [
             (n, index[f"{n}.weight"]) for n, m in names.items() if isinstance(m, nn.Linear) and f"{n}.weight" in index
         ]
+
+    # ----------------------------------------------------------------------------- sharding (FSDP2)
+
+    def shard(self, units=None, *, mp_policy=None, mesh=None) -> MultiTaskModel:
+        """Shard the model's parameters over the ranks of the process group with FSDP2
+        (``torch.distributed.fsdp.fully_shard``): every unit of ``units`` (default
+        :meth:`fsdp_units`) is one FSDP group, the model itself the root. Call it before the
+        optimizer is built (its parameters become ``DTensor`` shards); returns the model.
+
+        Args:
+            units: a function ``units(model) -> list of submodules`` (a wrapping policy), or None.
+            mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (bf16 or fp16 compute).
+            mesh: the device mesh (default: one dimension over every rank of the default group).
+        """
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        if self._template is not None:
+            raise ValueError("the model is already sharded")
+        template = copy.deepcopy(self).to("meta")
+        modules = units(self) if units is not None else self.fsdp_units()
+        kwargs = {k: v for k, v in (("mp_policy", mp_policy), ("mesh", mesh)) if v is not None}
+        for module in modules:
+            fully_shard(module, **kwargs)
+        fully_shard(self, **kwargs)
+        register_fsdp_forward_method(self, "features")  # features() is a forward of the root too
+        object.__setattr__(self, "_template", template)  # not a submodule: no parameters, no state_dict entry
+        return self
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """The default FSDP groups of :meth:`shard`: the trunk's ``fsdp_units`` when the trunk names
+        them (the built-in backbones: each block), else each direct child of the trunk that holds
+        parameters; and each head."""
+        names = getattr(self.trunk, "fsdp_units", None)
+        modules = dict(self.trunk.named_modules())
+        if names is not None:
+            trunk_units = [modules[n] for n in names]
+        else:
+            trunk_units = [m for m in self.trunk.children() if any(True for _ in m.parameters())]
+        return trunk_units + list(self.heads)
+
+    @property
+    def is_sharded(self) -> bool:
+        """True after :meth:`shard`: the parameters are ``DTensor`` shards."""
+        return self._template is not None
+
+    def full_copy(self) -> MultiTaskModel:
+        """A plain (unsharded) copy with every parameter and buffer in full, on the parameters'
+        device: of a sharded model, gathered from every rank (a collective: call it on every rank)."""
+        if self._template is None:
+            return copy.deepcopy(self)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True))
+        device = next(iter(full.values())).device
+        plain = copy.deepcopy(self._template).to_empty(device=device)
+        plain.load_state_dict(full)
+        return plain.train(self.training)
 
     @property
     def num_tasks(self) -> int:
@@ -102,6 +162,12 @@ class MultiTaskModel(nn.Module):
                 modules = dict(self.trunk.named_modules())
                 handles = [modules[n].register_forward_pre_hook(record.see_inputs) for n in self._boundary_modules]
                 handles += [modules[n].register_forward_hook(record.linear_hook(i)) for n, i in linears]
+            if self._template is not None:  # sharded: the unsharded parameters the forward uses
+                handles += [
+                    m.register_forward_pre_hook(record.unsharded_hook(f"{n}." if n else ""))
+                    for n, m in self.trunk.named_modules()
+                    if any(True for _ in m.parameters(recurse=False))
+                ]
         try:
             if mask is None:
                 return self.trunk(x)
@@ -180,13 +246,15 @@ class MultiTaskModel(nn.Module):
         to 0), whose outputs equal ``model(x, task, mask)``'s. ``mask``: None (the dense trunk), a
         :class:`fsmtl_kernels.PackedMask` of every task, or task ``task``'s bool tensors."""
         bools = self._task_mask(task, mask)
-        trunk = copy.deepcopy(self.trunk)
+        # A sharded model is gathered first (a collective: every rank calls export_task).
+        source = self.full_copy() if self.is_sharded else self
+        trunk = copy.deepcopy(source.trunk)
         if bools is not None:
             params = dict(trunk.named_parameters())
             with torch.no_grad():
                 for n, m in zip(self._masked_names, bools):
                     params[n].masked_fill_(~m, 0.0)
-        return nn.Sequential(trunk, copy.deepcopy(self.heads[task])).eval()
+        return nn.Sequential(trunk, copy.deepcopy(source.heads[task])).eval()
 
     def save_task_models(self, directory, mask=None, *, names: Sequence[str] | None = None) -> Path:
         """One inference model per task (:meth:`export_task`) in ``directory``: ``<name>.pt``

@@ -36,6 +36,7 @@ from .gradients import (
     dense_multitask_backward,
     masked_multitask_backward,
 )
+from .gradients.sharded import sharded_masked_backward
 from .model import MultiTaskModel
 from .schedule import MaskSchedule
 from .tasks import Task
@@ -56,6 +57,7 @@ def compute_masks(
     *,
     estimator: str = "fs",
     chunk_size: int = 32,
+    reduce: bool = True,
 ) -> fk.PackedMask:
     """Each task's top-``keep_ratio`` trunk entries by ``estimator`` score (Algorithm 2).
 
@@ -65,6 +67,8 @@ def compute_masks(
         batches: one ``(inputs, targets)`` pair per task, e.g. N sampled training examples.
         keep_ratio: float in ``(0, 1]`` or int count of kept entries per task.
         estimator: ``fs``, ``efs``, ``grad2`` or ``absgrad`` (see :mod:`fsmtl.estimators`).
+        reduce: on several ranks, sum the scores of every rank's batches (each rank scored its
+            share of the samples); False when every rank scored the same samples.
 
     Returns:
         A :class:`fsmtl_kernels.PackedMask` with T tasks over ``model.masked_parameters()``.
@@ -86,7 +90,8 @@ def compute_masks(
         for t, (task, (x, y)) in enumerate(zip(tasks, batches))
     ]
     # Several ranks (each scored its share of the samples): one all-reduce of the weighted scores.
-    per_task = reduce_scores(per_task, [b[0].shape[0] for b in batches])
+    if reduce:
+        per_task = reduce_scores(per_task, [b[0].shape[0] for b in batches])
     return fk.topk_mask_batched([torch.stack(s) for s in zip(*per_task)], keep_ratio)
 
 
@@ -252,11 +257,20 @@ class FSMTL:
         return record
 
     def fisher_masks(self, sample: Sample) -> fk.PackedMask:
-        """Each task's top-``keep_ratio`` entries by :attr:`estimator` score on ``samples`` examples."""
+        """Each task's top-``keep_ratio`` entries by :attr:`estimator` score on ``samples`` examples.
+
+        A model sharded with FSDP2 is scored on a full copy gathered from every rank, with every
+        rank scoring the same samples: the masks are the ones one process computes from the same
+        weights, bit for bit, on every rank (for the time of the update each rank holds the full
+        trunk and its scores)."""
         batches = [sample(t, self.samples) for t in range(len(self.tasks))]
-        return compute_masks(
-            self.model, self.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size
-        )
+        sharded = self.model.is_sharded
+        model = self.model.full_copy() if sharded else self.model
+        masks = compute_masks(
+            model, self.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size,
+            reduce=not sharded,
+        )  # fmt: skip
+        return masks.to(self.model.masked_parameters()[0].device)
 
     def set_masks(self, masks: fk.PackedMask) -> None:
         """Use ``masks`` (T tasks over the model's masked parameters) from now on."""
@@ -310,6 +324,11 @@ class FSMTL:
         model = self.model
         if self.masks is None:  # warm-up: dense MTL, one backward pass instead of T
             dense_multitask_backward(losses, model.shared_parameters())
+            return None
+        if model.is_sharded:
+            if record is None:
+                raise ValueError("a sharded model's masked backward needs the record of the step's forward (record=)")
+            sharded_masked_backward(model, losses, self.masks, record, normalize=self.normalize)
             return None
         # Losses from separate trunk forwards (heterogeneous tasks, mask_forward) share no graph to
         # batch over: T backward passes, streamed into the masked sum.

@@ -44,7 +44,7 @@ def autocast(trainer):
 def all_reduce_grads(trainer) -> None:
     """Several ranks: one all-reduce of the combined gradients (shared + heads), weighted by each
     rank's share of the global batch."""
-    if trainer.gradient_sync is not None:
+    if trainer.gradient_sync is not None and trainer.parallel != "fsdp":  # FSDP reduce-scatters in backward
         trainer.gradient_sync.all_reduce_grads(list(trainer.model.parameters()))
 
 

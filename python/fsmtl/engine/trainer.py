@@ -10,7 +10,6 @@ so that a run saved at any step and resumed trains bit for bit as one that never
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,11 @@ from ..tasks import Task
 from ..tasks.checks import check_batch, check_outputs
 from ..tasks.metrics import primary_score
 from . import checkpoint as ckpt
-from . import distributed
-from .evaluation import evaluate, outputs_and_targets
+from . import distributed, sharded_checkpoint
+from .evaluation import evaluate, predict
 from .fingerprint import trainer_fingerprint
 from .fit_checks import check_fit
+from .fit_log import FitLog, FitProgress
 from .sources import check_split, train_source
 from .state import epoch_batches, restore_trainer_state, trainer_state
 from .steps import AMP_DTYPES, step_mode, task_outputs
@@ -53,6 +53,12 @@ class Trainer:
             a ``GradScaler``. Fisher estimates and masks are always float32 on unscaled losses.
         skip_nonfinite: False raises ``FloatingPointError`` on a NaN/inf task loss; True skips that
             step (no update) and counts it in ``history["skipped_nonfinite"]``.
+        parallel: ``None`` (one process, or data parallel with one all-reduce of the combined
+            gradient per step when a process group is initialized) or ``"fsdp"``: the model was
+            sharded with FSDP2 (:meth:`fsmtl.MultiTaskModel.shard`, before the optimizer was built);
+            every rank scores the same Fisher samples on a gathered full copy (the masks are the
+            one-process masks), and each step reduce-scatters once per FSDP group. Homogeneous
+            tasks only; mixed precision through the shard's ``mp_policy`` instead of ``amp``.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class Trainer:
         scheduler_interval: str = "epoch",
         amp: str | None = None,
         skip_nonfinite: bool = False,
+        parallel: str | None = None,
     ) -> None:
         if not isinstance(model, MultiTaskModel):
             raise TypeError(f"model must be a MultiTaskModel, got {type(model).__name__}")
@@ -95,6 +102,11 @@ class Trainer:
         self.scheduler_interval = scheduler_interval
         self.amp = amp
         self.skip_nonfinite = bool(skip_nonfinite)
+        if parallel not in (None, "fsdp"):
+            raise ValueError(f"parallel must be None or 'fsdp', got {parallel!r}")
+        self.parallel = parallel
+        if parallel == "fsdp":
+            _check_sharded(model, optimizer, strategy, homogeneous, amp)
         device_type = self.device.type
         # A GradScaler only for fp16: bf16 has float32's exponent range, so its gradients do not underflow.
         self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
@@ -118,6 +130,7 @@ class Trainer:
         self.best_model: dict | None = None
         self.strategy_bound = False
         self._progress = None  # fit's progress display, while fit runs
+        self._log: FitLog | None = None  # fit's records, while fit runs
         #: In a process group of several ranks: data shares and the per-step collectives
         #: (:class:`fsmtl.engine.distributed.GradientSync`); None in a single process.
         self.gradient_sync = distributed.GradientSync() if collectives.world() is not None else None
@@ -155,7 +168,7 @@ class Trainer:
             if fisher_data is not None
             else _no_data
         )
-        if self.gradient_sync is not None and fisher_data is not None:
+        if self.gradient_sync is not None and fisher_data is not None and self.parallel != "fsdp":
             sample = self.gradient_sync.shard_sampler(sample)  # each rank scores its share of the N samples
         context = TrainingContext(
             self.model, self.tasks, sample, self.strategy_generator, has_data=fisher_data is not None
@@ -173,12 +186,19 @@ class Trainer:
         restore_trainer_state(self, state)
 
     def save_checkpoint(self, directory, *, keep_last: int = 3) -> Path:
-        """Write :meth:`state_dict` atomically as ``directory/ckpt-<global step>.pt``."""
+        """Write :meth:`state_dict` atomically as ``directory/ckpt-<global step>.pt``; with
+        ``parallel="fsdp"`` every rank writes its shards (:mod:`fsmtl.engine.sharded_checkpoint`:
+        call it on every rank)."""
+        if self.parallel == "fsdp":
+            return sharded_checkpoint.save(self, directory, keep_last=keep_last)
         return ckpt.save_checkpoint(self.state_dict(), directory, self.global_step, keep_last=keep_last)
 
     def resume(self, directory) -> bool:
         """Load the newest readable checkpoint of ``directory`` (an unreadable one is skipped with a
-        warning naming it; one of another run is refused); False when there is none."""
+        warning naming it; one of another run is refused); False when there is none. With
+        ``parallel="fsdp"``, the newest complete sharded checkpoint, each rank its own shards."""
+        if self.parallel == "fsdp":
+            return sharded_checkpoint.resume(self, directory)
         return ckpt.resume(self, directory)
 
     # ------------------------------------------------------------------------------------ fit
@@ -192,6 +212,8 @@ class Trainer:
         val=None,
         eval_every: int = 1,
         log_path=None,
+        csv_path=None,
+        tensorboard_dir=None,
         restore_best: bool = False,
         patience: int | None = None,
         fisher_data=None,
@@ -200,7 +222,7 @@ class Trainer:
         checkpoint_every: int | None = None,
         checkpoint_unit: str = "epoch",
         keep_last: int = 3,
-        progress=None,
+        progress="auto",
     ) -> dict:
         """Train for ``epochs`` more epochs (an epoch interrupted by a checkpoint counts as one);
         returns the history.
@@ -214,15 +236,21 @@ class Trainer:
                 heterogeneous tasks cycling through their own shuffled data, the largest setting ``n``).
             batch_size: examples per task per step (for a ``Split`` or datasets; loaders keep theirs).
             val: optional validation data (same forms as ``train``): per-task metrics every
-                ``eval_every`` epochs into ``history["val"]`` (and ``log_path`` as JSON lines);
-                the best epoch by the mean of the tasks' primary metrics is kept.
+                ``eval_every`` epochs into ``history["val"]``; the best epoch by the mean of the
+                tasks' primary metrics is kept.
+            log_path, csv_path, tensorboard_dir: where the records go as training runs (each
+                optional; see :mod:`fsmtl.engine.fit_log`): the task losses of every step, the kept
+                fraction, churn and overlap of every mask update, and every validation, as JSON
+                lines, as CSV rows and to TensorBoard.
             restore_best: load the best epoch's weights at the end (needs ``val``).
             patience: stop after this many evaluations without a better score (needs ``val``).
             fisher_data: where mask updates draw their examples (default: ``train``).
             num_workers: DataLoader workers for datasets.
             checkpoint_dir: write checkpoints here every ``checkpoint_every`` ``checkpoint_unit``
                 (``"epoch"`` or ``"step"``), keeping the newest ``keep_last``; also on a stop request.
-            progress: an optional ``tqdm``-like object with ``update(n)``, advanced once per step.
+            progress: ``"auto"`` (default): a progress bar on a terminal, plain lines in a log;
+                None: nothing; or an object with ``update(n)`` (and optionally ``phase(name)``),
+                advanced once per step.
         """
         self._check_count(epochs, "epochs", 0)
         self._check_count(eval_every, "eval_every", 1)
@@ -257,18 +285,29 @@ class Trainer:
                 train_source(data, self.tasks, self.homogeneous, batch_size or 1, None, where=name)
         check_fit(self, train, val, fisher_data, batch_size, global_batch)
         self.global_batch = global_batch
+        own_progress = isinstance(progress, str)
+        if own_progress:
+            if progress != "auto":
+                raise ValueError(f"progress must be 'auto', None or an object with update(n), got {progress!r}")
+            steps = source.steps_per_epoch
+            progress = FitProgress(steps * epochs if steps is not None else None) if epochs else None
+        log = FitLog([t.name for t in self.tasks], log_path=log_path, csv_path=csv_path,
+                     tensorboard_dir=tensorboard_dir, write=collectives.is_main_process())  # fmt: skip
         run = _FitRun(
-            source, self.epoch + epochs, in_memory, batch_size, val, eval_every, log_path, restore_best, patience,
+            source, self.epoch + epochs, in_memory, batch_size, val, eval_every, log, restore_best, patience,
             checkpoint_dir, checkpoint_every, checkpoint_unit, keep_last, progress,
         )  # fmt: skip
         self.bind_strategy(fisher_data if fisher_data is not None else train)
         self.strategy.on_fit_start(range(self.epoch, run.end_epoch), source.steps_per_epoch)
         self.model.train()
-        self._progress = progress
+        self._progress, self._log = progress, log
         try:
             self._fit_epochs(run)
         finally:
-            self._progress = None
+            self._progress, self._log = None, None
+            log.close()
+            if own_progress and progress is not None:
+                progress.close()
         if restore_best and self.best_model is not None:
             self.model.load_state_dict(self.best_model)
         if self.gradient_sync is not None:
@@ -308,7 +347,7 @@ class Trainer:
         if directory is not None and every is not None:
             count = self.epoch if unit == "epoch" else self.global_step
             due = (unit == "step" or epoch_end) and count % every == 0
-        if directory is not None and (due or stop) and collectives.is_main_process():
+        if directory is not None and (due or stop) and (collectives.is_main_process() or self.parallel == "fsdp"):
             self.save_checkpoint(directory, keep_last=run.keep_last)
         if stop:
             raise ckpt.TrainingInterrupted(f"stopped at epoch {self.epoch}, step {self.global_step}")
@@ -344,6 +383,8 @@ class Trainer:
                 self.scheduler.step()
             self.epoch_totals += values.double()
             self.epoch_counted += 1
+            if self._log is not None and self._log.active:
+                self._log.step(self.epoch, self.global_step, values.tolist())
         self.epoch_step += 1
         self.global_step += 1
 
@@ -357,6 +398,9 @@ class Trainer:
         record = self.strategy.on_step(*position)
         if record is not None:
             self.history["mask_updates"].append(record)
+            if self._log is not None and self._log.active:
+                entries = self.strategy.mask.num_entries if self.strategy.mask is not None else None
+                self._log.mask_update(self.epoch, self.global_step, record, entries)
         if show is not None:
             show(self.strategy.phase)
 
@@ -391,7 +435,7 @@ class Trainer:
             self.model.train(was_training)
 
     def _end_epoch(self, run: _FitRun) -> None:
-        val, eval_every, log_path, patience = run.val, run.eval_every, run.log_path, run.patience
+        val, eval_every, patience = run.val, run.eval_every, run.patience
         mean = self.epoch_totals / max(self.epoch_counted, 1)
         self.history["loss"].append(mean.float().tolist())
         if self.scheduler is not None and self.scheduler_interval == "epoch":
@@ -408,9 +452,7 @@ class Trainer:
         entry = {"epoch": epoch, "step": self.global_step, "loss": self.history["loss"][-1], "metrics": metrics}
         entry["score"] = score
         self.history["val"].append(entry)
-        if log_path is not None and collectives.is_main_process():  # several ranks: rank 0 writes the log
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+        run.log.validation(entry)
         if self.history["best_score"] is None or score > self.history["best_score"]:
             self.history["best_score"], self.history["best_epoch"] = score, epoch
             if run.restore_best:
@@ -422,11 +464,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ evaluation
 
-    def predict(self, data, *, batch_size: int = 1024) -> list[torch.Tensor]:
-        """Outputs of each task's head on its inputs (task masks applied when the strategy masks
-        the forward), float32 on the CPU. ``data``: a ``Split`` or datasets/loaders as for ``fit``
-        (their order is kept)."""
-        return outputs_and_targets(self, data, batch_size, "data")[0]
+    def predict(self, data, *, batch_size: int = 1024, output: str = "outputs") -> list[torch.Tensor]:
+        """Each task's predictions on ``data``, in eval mode without gradients, with the task
+        masks applied when the strategy masks the forward; float32 outputs on the CPU.
+
+        Args:
+            data: inputs alone, no targets: one tensor ``[N, ...]`` for every task (shared
+                inputs) or a list of one tensor per task; or a ``Split`` or datasets/loaders as for
+                ``fit`` (their targets are ignored, their order kept).
+            output: ``"outputs"`` (the heads' raw outputs), ``"probabilities"`` or ``"labels"``
+                (classification kinds: binary ``[N]``, multiclass ``[N, C]`` / ``[N]``, ...).
+        """
+        return predict(self, data, batch_size, output)
 
     def evaluate(self, data, *, batch_size: int = 1024) -> list[dict[str, float]]:
         """Per-task metrics (:func:`fsmtl.tasks.task_metrics`) on ``data``."""
@@ -443,7 +492,7 @@ class _FitRun:
     batch_size: int | None
     val: object
     eval_every: int
-    log_path: object
+    log: FitLog
     restore_best: bool
     patience: int | None
     checkpoint_dir: object
@@ -451,6 +500,26 @@ class _FitRun:
     checkpoint_unit: str
     keep_last: int
     progress: object
+
+
+def _check_sharded(model: MultiTaskModel, optimizer, strategy: Strategy, homogeneous: bool, amp) -> None:
+    """What ``parallel="fsdp"`` needs, checked before anything trains; one line each."""
+    if not model.is_sharded:
+        raise ValueError('parallel="fsdp" needs a sharded model: call model.shard() before building the optimizer')
+    own = {id(p) for p in model.parameters()}
+    stale = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in own)
+    if stale:
+        raise ValueError(
+            f"the optimizer holds {stale} tensor(s) that are not the sharded model's parameters: build it after "
+            "model.shard() (its steps would move stale copies and the model would not train)"
+        )
+    if not homogeneous:
+        raise ValueError('parallel="fsdp" trains homogeneous tasks (one shared forward per step)')
+    if amp is not None:
+        raise ValueError('with parallel="fsdp" set mixed precision with model.shard(mp_policy=...), not amp=')
+    reason = strategy.sharding_unsupported()
+    if reason is not None:
+        raise ValueError(f'parallel="fsdp": {reason}')
 
 
 def _no_data(task: int, n: int):

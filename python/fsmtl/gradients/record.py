@@ -28,6 +28,9 @@ class ForwardRecord:
         linears: the masked ``nn.Linear`` calls of the last (unmasked) forward, one entry per call:
             ``(index of the weight in masked_parameters(), input, output, output's version counter
             at the call)``.
+        unsharded: of a model sharded with FSDP2, the full (unsharded) trunk parameters the
+            forwards used, by name in ``trunk.named_parameters()``: the tensors autograd
+            accumulates the step's gradients into before FSDP reduce-scatters them.
     """
 
     def __init__(self, *, linear_calls: bool = True) -> None:
@@ -35,17 +38,29 @@ class ForwardRecord:
         self.trunk_forwards = 0
         self.boundary: tuple[torch.Tensor, ...] = ()
         self.linears: list[tuple[int, torch.Tensor, torch.Tensor, int]] = []
+        self.unsharded: dict[str, torch.Tensor] = {}
 
     def start_forward(self) -> None:
         """A trunk forward with grad enabled begins: it replaces what the previous one left."""
         self.trunk_forwards += 1
         self.boundary = ()
         self.linears = []
+        self.unsharded = {}
 
     def see_inputs(self, module: nn.Module, args: tuple) -> None:
         """Forward pre-hook of the masked modules: the first call's tensor inputs with a graph."""
         if not self.boundary:
             self.boundary = tuple(a for a in args if isinstance(a, torch.Tensor) and a.grad_fn is not None)
+
+    def unsharded_hook(self, prefix: str):
+        """Forward pre-hook of a trunk module of a sharded model: its own parameters as the forward
+        sees them (unsharded by FSDP's pre-forward, which runs first)."""
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            for name, p in module.named_parameters(recurse=False):
+                self.unsharded[prefix + name] = p
+
+        return hook
 
     def linear_hook(self, index: int):
         """Forward hook of the masked ``nn.Linear`` whose weight is masked parameter ``index``."""

@@ -59,6 +59,8 @@ class ResNet18Trunk(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_features = widths[-1]
         self.modulation_points = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+        #: The units FSDP2 shards one by one (``MultiTaskModel.shard``): the stem and each block.
+        self.fsdp_units = ["stem", *self.modulation_points]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

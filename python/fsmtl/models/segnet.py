@@ -43,6 +43,8 @@ class SegNetTrunk(nn.Module):
         self.unpool = nn.MaxUnpool2d(2, 2)
         self.out_channels = outs[-1]
         self.modulation_points = [f"encoder.{i}" for i in range(len(enc))] + [f"decoder.{i}" for i in range(len(dec))]
+        #: The units FSDP2 shards one by one (``MultiTaskModel.shard``): each stage.
+        self.fsdp_units = list(self.modulation_points)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         indices, sizes = [], []

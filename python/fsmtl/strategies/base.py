@@ -144,6 +144,15 @@ class Strategy(ABC):
         """Write ``.grad`` for task ``task``'s own update (strategies with :attr:`in_turns`)."""
         raise RuntimeError(f"{type(self).__name__} does not update the tasks in turns (in_turns is False)")
 
+    def sharding_unsupported(self) -> str | None:
+        """None when the strategy trains a model sharded with FSDP2 (``Trainer(parallel="fsdp")``);
+        otherwise why not, in one line. By default a strategy combines each task's full gradient of
+        the shared parameters, which FSDP never forms."""
+        return (
+            f"{type(self).__name__} combines each task's full gradient of the shared parameters, which a model "
+            "sharded with FSDP never forms"
+        )
+
     def before_optimizer_step(self) -> None:  # noqa: B027 (optional hook)
         """Hook run right before ``optimizer.step()``."""
 

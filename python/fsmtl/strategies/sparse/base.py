@@ -190,6 +190,13 @@ class SparseStrategy(Strategy):
             )
         return self.fsmtl.open_backward_stream()
 
+    def sharding_unsupported(self) -> str | None:
+        if self.mask_forward:
+            return "mask_forward runs each task's forward on S_t * theta, which FSDP's sharded parameters do not allow"
+        if self.freeze_unselected:
+            return "freeze_unselected restores entries from full-size masks, which sharded parameters do not have"
+        return None
+
     def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
         self.fsmtl.backward(losses, record)
 

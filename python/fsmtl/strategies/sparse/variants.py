@@ -86,6 +86,11 @@ class FisherSparseVariant(FisherSparse):
         self.per_layer = bool(per_layer)
         self.masked_fisher = bool(masked_fisher)
 
+    def sharding_unsupported(self) -> str | None:
+        if self.per_layer or self.masked_fisher:
+            return "the per-layer and masked-network Fisher variants score the sharded model itself, not a full copy"
+        return super().sharding_unsupported()
+
     def compute_mask(self) -> fk.PackedMask:
         ctx = self.context
         batches = [ctx.sample(t, self.samples) for t in range(len(ctx.tasks))]
@@ -132,6 +137,9 @@ class FisherSparseInTurns(FisherSparseVariant):
         super().__init__(keep_ratio, **kwargs)
         self._turn_masks: tuple[fk.PackedMask, list[list[torch.Tensor]]] | None = None  # (mask, per task)
 
+    def sharding_unsupported(self) -> str | None:
+        return "updating the tasks in turns takes each task's gradient of the sharded parameters"
+
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
         mask = self.mask
         if mask is not None and (self._turn_masks is None or self._turn_masks[0] is not mask):
@@ -143,6 +151,9 @@ class EqualWeightingInTurns(EqualWeighting):
     """Dense MTL with the tasks updated in turns: each task's full gradient, one update per task."""
 
     in_turns = True
+
+    def sharding_unsupported(self) -> str | None:
+        return "updating the tasks in turns takes each task's gradient of the sharded parameters"
 
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
         task_backward(self.context.model, t, loss, None)

@@ -18,6 +18,9 @@ class EqualWeighting(Strategy):
     backward pass; this equals :class:`~fsmtl.strategies.FisherSparse` with every mask full.
     """
 
+    def sharding_unsupported(self) -> str | None:
+        return None  # one backward of the summed loss: FSDP reduce-scatters it
+
     def backward(self, losses: Sequence[torch.Tensor], record: ForwardRecord | None = None) -> None:
         dense_multitask_backward(losses, self.context.model.shared_parameters())
 
