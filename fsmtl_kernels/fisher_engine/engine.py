@@ -693,7 +693,8 @@ class _Run:
                 item.failed = True
                 continue
             if item.param is not None:
-                fallback._accumulate([self.acc[item.param]], [per_sample], self.scale, self.backend)
+                shape = self.params[item.param].shape
+                fallback._accumulate([self.acc[item.param]], [per_sample.reshape(n, *shape)], self.scale, self.backend)
             else:
                 call = item.call
                 x = _expand_samples(call.x, call.out, n, leading=len(item.shape) == go.dim())
