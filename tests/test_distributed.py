@@ -2,13 +2,16 @@
 
 One spawn per world size (a module fixture) runs everything a rank computes, to keep process
 start-ups few; each concept is then its own test: the distributed top-K, identical ranks,
-equivalence with one process, DataLoaders, resume, and the bytes of one step. Faults: a rank that
-raises or hangs stops the others."""
+equivalence with one process (masks bit for bit but at near-ties, whose rule is tested), DataLoaders,
+resume, and the bytes of one step. Faults of ``fsmtl run`` under torchrun: a rank that hangs, is
+killed, raises or sees a non-finite loss ends the whole job, every living rank printing one line
+that names the failing rank and the reason; a resume on another number of processes is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
+import re
 import subprocess
 import sys
 import time
@@ -94,6 +97,22 @@ def _loader(kind: str, batch_size: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size)
 
 
+@contextlib.contextmanager
+def _scores_of_mask_updates():
+    """The Fisher scores (``[T, n]`` per masked parameter) every mask update takes its top-K of."""
+    captured, real = [], fk.topk_mask_batched
+
+    def capture(scores, k):
+        captured.append([s.detach().clone() for s in scores])
+        return real(scores, k)
+
+    fk.topk_mask_batched = capture
+    try:
+        yield captured
+    finally:
+        fk.topk_mask_batched = real
+
+
 def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
     results = {}
     for seed in range(3):
@@ -103,7 +122,9 @@ def _worker(rank: int, size: int, out: str, per_rank_batch: int) -> None:
     flat = torch.cat([s[0].reshape(-1) for s in _full_scores(9, 1)])
     a, b = _slices(flat.numel(), size)[rank]
     results["one"] = distributed_topk_mask([flat[a:b]], 0.3).words  # the one-task API, one slice per rank
-    results["train"] = _train(per_rank_batch)
+    with _scores_of_mask_updates() as scores:
+        results["train"] = _train(per_rank_batch)
+    results["train"]["scores"] = scores
     if size == 2:
         results["plain"] = _train(per_rank_batch * size, loader="plain")
         results["distributed"] = _train(per_rank_batch, loader="distributed")
@@ -123,7 +144,10 @@ def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ranks{size}")
     spawn(_worker, size, (str(out), per_rank_batch), timeout_s=80)
     parts = [torch.load(out / f"rank{r}.pt") for r in range(size)]
-    return size, per_rank_batch, parts, _train(per_rank_batch * size)
+    with _scores_of_mask_updates() as scores:
+        single = _train(per_rank_batch * size)
+    single["scores"] = scores
+    return size, per_rank_batch, parts, single
 
 
 def test_distributed_topk_union_is_topk_mask_bit_for_bit(ranks):
@@ -156,17 +180,41 @@ def test_every_rank_holds_the_same_masks_and_parameters(ranks):
 
 def test_w_ranks_train_as_one_process_with_the_global_batch(ranks):
     """W ranks with per-rank batch B: the losses and parameters of one process with batch W*B
-    (float tolerance: the all-reduce sums in another order), and the same masks up to the bits
-    that ties in the summed Fisher scores may flip (at most 0.1%)."""
+    (float tolerance: the all-reduce adds the ranks' partial sums in another order)."""
     _, _, parts, single = ranks
     dist_run = parts[0]["train"]
     assert dist_run["updates"] == single["updates"] == 2
     torch.testing.assert_close(torch.tensor(dist_run["loss"]), torch.tensor(single["loss"]), rtol=1e-5, atol=1e-7)
     for p, q in zip(dist_run["params"], single["params"]):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    a = unpack_bits(dist_run["mask"], dist_run["mask"].shape[1] * 32)
-    b = unpack_bits(single["mask"], single["mask"].shape[1] * 32)
-    assert (a == b).float().mean() >= 0.999
+
+
+def test_w_rank_masks_are_the_one_process_masks_but_at_near_ties(ranks):
+    """The masks of W ranks equal one process's bit for bit, except where the one-process Fisher
+    score of an entry lies within the scores' float difference of its task's k-th largest (a
+    near-tie). The W ranks' scores differ from one process's in their last bits only (at most 1e-4
+    relative; about 1e-6 here), since their gradients and Fisher sums add the ranks' partial sums in
+    another order. This run's masks are identical; its tightest gap at a threshold (about 1e-5 on
+    3 ranks) is close to the scores' difference, so another seed may flip such a pair."""
+    _, _, parts, single = ranks
+    w_scores, one_scores = parts[0]["train"]["scores"], single["scores"]
+    assert len(w_scores) == len(one_scores) == 2
+    for update, (w_params, one_params) in enumerate(zip(w_scores, one_scores)):
+        w = torch.cat([s.reshape(s.shape[0], -1) for s in w_params], 1)
+        one = torch.cat([s.reshape(s.shape[0], -1) for s in one_params], 1)
+        w_masks = fk.topk_mask_batched(w_params, 0.3).to_bool_stacked()
+        one_masks = fk.topk_mask_batched(one_params, 0.3).to_bool_stacked()
+        w_mask = torch.cat([m.reshape(m.shape[0], -1) for m in w_masks], 1)
+        one_mask = torch.cat([m.reshape(m.shape[0], -1) for m in one_masks], 1)
+        for t in range(one.shape[0]):
+            delta = float(((w[t] - one[t]).abs() / one[t].abs().clamp_min(1e-30)).max())
+            assert delta <= 1e-4, (update, t, delta)
+            k = int(one_mask[t].sum())
+            threshold = float(torch.sort(one[t], descending=True).values[k - 1])
+            differ = (w_mask[t] != one_mask[t]).nonzero().flatten()
+            gaps = (one[t][differ] - threshold).abs() / abs(threshold)
+            assert bool((gaps <= 2 * delta + 1e-12).all()), (update, t, gaps.tolist(), delta)
+    assert torch.equal(parts[0]["train"]["mask"], single["mask"])  # no near-tie flipped in this run
 
 
 def test_dataloaders_plain_or_with_a_distributed_sampler_train_as_one_process(ranks):
@@ -210,70 +258,88 @@ def test_order_keys_preserve_float_order():
     assert bool((keys[1:] >= keys[:-1]).all()) and bool((keys[1:4] > keys[:3]).all())
 
 
-class _FailAt(nn.Module):
-    """Identity that fails on rank 1 at its ``step``-th training forward: ``FSMTL_TEST_FAULT`` =
-    ``raise`` (an exception), ``kill`` (SIGKILL, no clean-up) or ``hang`` (sleeps)."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.step, self.calls = step, 0
-
-    def forward(self, x):
-        if self.training and os.environ.get("RANK") == "1":
-            self.calls += 1
-            if self.calls == self.step:
-                fault = os.environ["FSMTL_TEST_FAULT"]
-                if fault == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if fault == "hang":
-                    time.sleep(300)
-                raise RuntimeError("injected failure on rank 1")
-        return x
+FAULTS = os.path.join(os.path.dirname(__file__), "faults")  # sitecustomize.py: FSMTL_FAULT injection
+# Two runs (MTL, then FS), 6 global steps per epoch of 2 epochs: the MTL run is finished (its
+# result kept) before the fault at rank 1's 14th step, the FS run's 2nd.
+RUN = [
+    "run", "--benchmark", "synthetic", "-o", "n_samples=120", "-o", "n_tasks=2", "--methods", "mtl,fs",
+    "--seeds", "0", "--keep-ratios", "0.5", "--epochs", "2", "--warmup", "1", "--samples", "8", "--hidden", "8",
+    "--batch-size", "8", "--no-progress",
+]  # fmt: skip
+TIMEOUT_S = 8  # the collectives' timeout in these jobs (30 s by default)
 
 
-def _fault_worker() -> None:
-    """Run by the fault test in each rank's own ``python`` process (env: torchrun's variables)."""
-    from fsmtl.run.launcher import init_from_env
+def _job(fault: str, tmp, *, launcher: bool) -> list[subprocess.Popen]:
+    """``fsmtl run`` on 2 ranks with ``fault`` on rank 1: through ``--nproc 2`` (torch's elastic
+    launcher, one process) or as two processes with torchrun's environment (rank 0 hosts the store)."""
+    out = tmp / fault
+    args = [*RUN, "--out", str(out / "out"), "--checkpoint-dir", str(out / "ck")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", FSMTL_DIST_TIMEOUT=str(TIMEOUT_S), FSMTL_FAULT=f"rank:1:14:{fault}",
+               FSMTL_FAULT_MARK=str(tmp / f"{fault}.fired"),
+               PYTHONPATH=os.pathsep.join([FAULTS, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    command = [sys.executable, "-m", "fsmtl", *args]
+    if launcher:
+        return [subprocess.Popen([*command, "--nproc", "2"], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)]  # fmt: skip
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": port}
+        procs.append(subprocess.Popen(command, env=dict(env, **ranks, MASTER_ADDR="127.0.0.1"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    return procs
 
-    init_from_env("cpu")
-    _train(32, trunk_extra=(_FailAt(5),))
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "fsmtl: error:" in line and "[rank" in line]
 
 
-def test_a_failed_rank_stops_the_others():
-    """In two 2-rank groups run side by side, rank 1 raises or hangs mid-training; each rank 0,
-    waiting in a collective, exits non-zero with gloo's error (the closed connection, or the 10 s
-    process-group timeout) within 60 s of the start. (A killed rank closes its connections as one
-    that raises: ``FSMTL_TEST_FAULT=kill`` runs that case by hand.)"""
-    here = os.path.dirname(__file__)
-    code = f"import sys; sys.path.insert(0, {here!r}); import test_distributed as t; t._fault_worker()"
-    faults = ("raise", "hang")
-    groups = {}
-    start = time.monotonic()
-    for fault in faults:
-        port = free_port()
-        groups[fault] = []
-        for rank in range(2):
-            ranks = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_PORT": str(port)}
-            env = dict(os.environ, **ranks, MASTER_ADDR="127.0.0.1", FSMTL_DIST_TIMEOUT="10", FSMTL_TEST_FAULT=fault)
-            groups[fault].append(
-                subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
-            )
-    errors, elapsed = {}, {}
+def test_a_failing_rank_ends_the_whole_job_with_one_line_per_rank(tmp_path, capsys):
+    """Under torchrun, rank 1 hangs, is killed (kill -9), raises, or sees a NaN loss at its 14th
+    step; the whole job ends (every process exits non-zero) within the collective timeout plus a
+    few seconds of the fault, far within 60 s; every rank still alive prints one ``fsmtl: error:``
+    line naming rank 1 and the reason; the finished run's result is kept. A resume of that
+    2-process run on one process is refused before training, naming both process counts."""
+    jobs = {"hang": True, "kill": False, "raise": False, "nan": False}  # True: through --nproc 2
+    procs = {fault: _job(fault, tmp_path, launcher=launcher) for fault, launcher in jobs.items()}
+    errors, ended = {}, {}
+    deadline = time.monotonic() + 170
     try:
-        for fault in faults:
-            errors[fault] = groups[fault][0].communicate(timeout=max(1.0, 60 - (time.monotonic() - start)))[1]
-            elapsed[fault] = time.monotonic() - start
+        while len(ended) < len(procs) and time.monotonic() < deadline:
+            for fault, group in procs.items():
+                if fault not in ended and all(p.poll() is not None for p in group):
+                    ended[fault] = time.time()
+            time.sleep(0.2)
+        errors = {fault: [p.communicate(timeout=5)[1] for p in group] for fault, group in procs.items()}
     finally:
-        for procs in groups.values():
-            for p in procs:
+        for group in procs.values():
+            for p in group:
                 if p.poll() is None:
                     p.kill()
-    for fault in faults:
-        rank0, rank1 = groups[fault]
-        assert rank0.returncode not in (0, None), (fault, errors[fault][-2000:])
-        assert elapsed[fault] < 60
-        assert "Error" in errors[fault]  # gloo's error names the failed collective; not a silent exit
-    assert "injected failure on rank 1" in groups["raise"][1].communicate(timeout=10)[1]
-    # rank 0 was training (past the rendezvous) and failed in a collective, for the right reason
-    assert "Connection closed by peer" in errors["raise"], errors["raise"][-2000:]
-    assert "Timed out" in errors["hang"], errors["hang"][-2000:]
+    reasons = {
+        "hang": "rank 1 is hung",
+        "kill": "rank 1 stopped responding (killed",
+        "raise": "rank 1 failed: RuntimeError: injected failure on rank 1",
+        "nan": "rank 1 failed: FloatingPointError: non-finite loss nan",
+    }
+    for fault, group in procs.items():
+        assert all(p.returncode != 0 for p in group), (fault, errors[fault])
+        mark = tmp_path / f"{fault}.fired"
+        assert mark.exists(), (fault, errors[fault])
+        # The whole job's end, measured from the fault: the collective timeout (for a hang) plus seconds.
+        assert ended[fault] - mark.stat().st_mtime < TIMEOUT_S + 20, (fault, ended[fault] - mark.stat().st_mtime)
+        lines = [line for err in errors[fault] for line in _error_lines(err)]
+        living = {"[rank 0/2]"} if fault == "kill" else {"[rank 0/2]", "[rank 1/2]"}
+        assert {re.search(r"\[rank \d/2\]", line).group() for line in lines} == living, (fault, lines)
+        assert len(lines) == len(living), (fault, lines)
+        assert all(reasons[fault] in line for line in lines), (fault, lines)
+        assert all("Traceback" not in err for err in errors[fault]), (fault, errors[fault])
+        # Nothing finished is lost: the MTL run ended before the fault; its result is in the checkpoint dir.
+        assert len(list((tmp_path / fault / "ck").glob("runs/*/result.pt"))) == 1, fault
+    from fsmtl.run.cli import main
+
+    capsys.readouterr()
+    assert main(["run", "--resume", str(tmp_path / "hang" / "ck"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsmtl: error:") and len(err.splitlines()) == 1, err
+    assert "trained on 2 process(es)" in err and "this one runs on 1" in err and "--nproc 2" in err, err
