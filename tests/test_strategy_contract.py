@@ -59,9 +59,9 @@ def test_a_strategy_with_only_backward_trains_resumes_and_declares_defaults(tmp_
     "name, homogeneous, mask_forward, expected",
     [
         ("mtl", True, False, PlainStep),
-        ("fs", True, False, PlainStep),  # one shared trunk forward: all losses at once
-        ("fs", True, True, StreamedStep),  # separate masked forwards, each backwarded at once
-        ("fs", False, False, StreamedStep),  # heterogeneous tasks
+        ("fs-avg", True, False, PlainStep),  # one shared trunk forward: all losses at once
+        ("fs-avg", True, True, StreamedStep),  # separate masked forwards, each backwarded at once
+        ("fs-avg", False, False, StreamedStep),  # heterogeneous tasks
         ("gradnorm", False, False, PlainStep),  # needs every loss first
         ("fs-turns", True, False, InTurnsStep),
         ("tr+gradnorm", True, False, PlainStep),

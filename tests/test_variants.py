@@ -2,6 +2,7 @@
 task's masked network, per-layer keep ratio, STL with Fisher-sparse updates."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from fsmtl.estimators import task_scores
 from fsmtl.models import build_model
 from fsmtl.run.experiment import ExperimentConfig, run_experiment
 from fsmtl.strategies import METHODS, MaskSchedule, MethodOptions
+from fsmtl.strategies.sparse.fisher import FisherSparse
 from fsmtl.strategies.sparse.random import RandomSparse
 from fsmtl.strategies.sparse.variants import masked_network_scores, per_layer_topk, task_masks
 from fsmtl.tasks.losses import task_loss
@@ -61,11 +63,37 @@ def test_in_turns_makes_one_optimizer_update_per_task_and_step(bench):
     trainer.optimizer.step = _counting(trainer.optimizer.step, steps)
     trainer.fit(bench.train, epochs=1, batch_size=40)
     assert len(steps) == len(bench.tasks) * trainer.global_step == 3 * 3  # 120 examples / 40 per step
-    mean = _trainer(bench, METHODS["fs"].build(MethodOptions(keep_ratio=0.3, schedule=MaskSchedule(0, 1))))
+    mean = _trainer(bench, METHODS["fs-avg"].build(MethodOptions(keep_ratio=0.3, schedule=MaskSchedule(0, 1))))
     counted = []
     mean.optimizer.step = _counting(mean.optimizer.step, counted)
     mean.fit(bench.train, epochs=1, batch_size=40)
     assert len(counted) == mean.global_step == 3
+
+
+def test_fs_follows_the_paper_in_turns_on_homogeneous_tasks_and_averages_on_heterogeneous_ones(bench):
+    """Plain ``fs`` (and every estimator) updates homogeneous tasks in turns, with the same updates as
+    ``fs-turns``; a context whose tasks have their own inputs gets the averaged update."""
+    options = MethodOptions(keep_ratio=0.3, schedule=MaskSchedule(warmup=0, every=1), samples=16)
+    runs = {}
+    for name in ("fs", "fs-turns"):
+        trainer = _trainer(bench, METHODS[name].build(options))
+        steps = []
+        trainer.optimizer.step = _counting(trainer.optimizer.step, steps)
+        trainer.fit(bench.train, epochs=1, batch_size=40)
+        assert len(steps) == len(bench.tasks) * trainer.global_step
+        runs[name] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs["fs"], runs["fs-turns"]))
+    for name in ("fs", "efs", "grad2", "absgrad"):
+        strategy = METHODS[name].build(options)
+        assert strategy.update == "paper" and strategy.in_turns
+        strategy.context = SimpleNamespace(homogeneous=False)
+        assert not strategy.in_turns
+    assert not METHODS["fs-avg"].build(options).in_turns and not METHODS["stl-fs"].build(options).in_turns
+    turns = METHODS["fs-turns"].build(options)
+    turns.context = SimpleNamespace(homogeneous=False)
+    assert turns.in_turns
+    with pytest.raises(ValueError, match="update must be one of"):
+        FisherSparse(0.3, update="sometimes")
 
 
 def _counting(step, calls):

@@ -14,6 +14,7 @@ from .celeba_groups import celeba_groups
 from .cityscapes import cityscapes
 from .digits import digits_attributes, digits_dkl
 from .idx import dkl_mnist
+from .qm9 import QM9_CPU_SETTINGS, qm9
 from .shapes import shapes
 from .synthetic import synthetic
 
@@ -78,6 +79,14 @@ BENCHMARKS: dict[str, BenchmarkEntry] = {
             "warmup": 1,
             "update_every": 1,
         },
+    ),
+    "qm9": BenchmarkEntry(
+        qm9,
+        "homogeneous, QM9's 11 regression targets (mu, alpha, homo, lumo, r2, zpve, U0, U, H, G, cv) per molecule, "
+        "read from the qm9pack package (pip install -e '.[qm9]'), Nash-MTL's MPNN; options: n_train, n_val, n_test, "
+        "source, cache_dir",
+        # Sized for 2 CPU cores: `fsmtl run --benchmark qm9 --methods stl,mtl,rs,fs` within 30 minutes.
+        run_defaults=QM9_CPU_SETTINGS,
     ),
     "dkl-mnist": BenchmarkEntry(
         dkl_mnist,

@@ -13,7 +13,7 @@ from ..tasks import task_kind
 from .trunks import cnn_trunk, dense_trunk, mlp_trunk
 
 #: Trunks by name for :func:`build_model` (``--model``); ``auto`` picks by the input shape.
-BACKBONES = ("auto", "mlp", "cnn", "dense", "resnet18", "segnet")
+BACKBONES = ("auto", "mlp", "cnn", "dense", "resnet18", "segnet", "mpnn", "mpnn-complete", "transformer")
 
 
 def build_model(benchmark: Benchmark, *, hidden: int = 128, backbone: str = "auto") -> MultiTaskModel:
@@ -22,14 +22,35 @@ def build_model(benchmark: Benchmark, *, hidden: int = 128, backbone: str = "aut
     ``backbone``: ``auto`` (an MLP for flat inputs, :func:`cnn_trunk` for images,
     :func:`dense_trunk` for per-pixel tasks; ``hidden`` sets their width), or one of
     :data:`BACKBONES` by name: ``resnet18`` (:class:`~fsmtl.models.ResNet18Trunk`, linear heads)
-    and ``segnet`` (:class:`~fsmtl.models.SegNetTrunk`, MTAN's conv heads) ignore ``hidden``.
+    and ``segnet`` (:class:`~fsmtl.models.SegNetTrunk`, MTAN's conv heads) ignore ``hidden``;
+    ``transformer`` (:class:`~fsmtl.models.TransformerTrunk`: patches of images or tokens of flat
+    features, 2 encoder layers of width ``min(hidden, 64)``, class-token features, linear heads);
+    ``mpnn`` / ``mpnn-complete`` (:class:`~fsmtl.models.mpnn.MPNNTrunk` on the bonded or the complete
+    graph, width 64, linear heads; ``auto`` picks ``mpnn`` for the ``qm9`` benchmark) ignore ``hidden``.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}")
     shape = tuple(benchmark.input_shape)
     dense = any(task_kind(t.kind).dense for t in benchmark.tasks)
+    if backbone == "auto" and benchmark.name == "qm9":
+        backbone = "mpnn"
+    if backbone.startswith("mpnn"):
+        from ..data.qm9 import INPUT_SHAPE
+        from .mpnn import MPNNTrunk
+
+        if shape != INPUT_SHAPE:
+            raise ValueError(f"backbone {backbone!r} needs packed molecules {INPUT_SHAPE} (benchmark qm9), got {shape}")
+        trunk = MPNNTrunk(graph="complete" if backbone == "mpnn-complete" else "bonded")
+        return MultiTaskModel(trunk, [nn.Linear(trunk.out_features, t.num_outputs) for t in benchmark.tasks])
     if backbone == "auto":
         backbone = "dense" if dense else "cnn" if len(shape) == 3 else "mlp"
+    if backbone == "transformer":
+        if dense:
+            raise ValueError("backbone 'transformer' does not fit per-pixel tasks")
+        from .transformer import TransformerTrunk
+
+        trunk = TransformerTrunk(shape, width=min(hidden, 64), **_token_geometry(shape))
+        return MultiTaskModel(trunk, [nn.Linear(trunk.out_features, t.num_outputs) for t in benchmark.tasks])
     if backbone in ("cnn", "dense", "resnet18", "segnet") and len(shape) != 3:
         raise ValueError(f"backbone {backbone!r} needs [C, H, W] inputs, the benchmark has {shape}")
     if dense != (backbone in ("dense", "segnet")):
@@ -52,3 +73,12 @@ def build_model(benchmark: Benchmark, *, hidden: int = 128, backbone: str = "aut
     else:
         trunk, width = mlp_trunk(math.prod(shape), hidden=hidden), hidden
     return MultiTaskModel(trunk, [nn.Linear(width, t.num_outputs) for t in benchmark.tasks])
+
+
+def _token_geometry(shape: tuple[int, ...]) -> dict[str, int]:
+    """Patches of 4x4 pixels (2x2 or 1x1 for small or odd images), tokens of 4 features (2 or 1)."""
+    if len(shape) == 3:
+        side = min(shape[1:])
+        patch = next(p for p in (4, 2, 1) if shape[1] % p == 0 and shape[2] % p == 0 and side // p >= 2 or p == 1)
+        return {"patch": patch}
+    return {"token_size": next(k for k in (4, 2, 1) if shape[0] % k == 0)}

@@ -8,13 +8,15 @@
   the mask is scored by how much the task's likelihood would change if it were switched on (a
   gradient taken through ``torch.where`` would be exactly 0 there, and the mask could never change).
   The first mask, before any exists, is scored on the dense trunk.
-* "in turns" (:class:`FisherSparseInTurns`, :class:`EqualWeightingInTurns`): the paper's update for
-  homogeneous tasks ("the tasks' objective are optimized in turns", Section "Model parameter
-  optimization"): within one step, task 1's loss is minimised by one optimizer update with its
-  masked gradient ``S_1 * g_1``, then task 2's loss is recomputed on the updated parameters and
-  updated, and so on: T optimizer updates per step, instead of one update with the average
-  ``sum_t S_t g_t / T``. The :class:`~fsmtl.engine.Trainer` runs it when the strategy's
-  ``in_turns`` is True, calling :meth:`backward_task` once per task.
+* the update order: plain ``fs`` follows the paper (tasks updated in turns on homogeneous
+  benchmarks, the averaged masked gradient on heterogeneous ones: :mod:`.fisher`). ``fs-avg``
+  always takes one update with the average ``sum_t S_t g_t / T``; ``fs-turns``
+  (:class:`FisherSparseInTurns`) always updates in turns (T optimizer updates per step, task t's
+  loss recomputed on the parameters task t - 1's update left); ``mtl-turns``
+  (:class:`EqualWeightingInTurns`) is dense MTL in turns, so that ``mtl`` / ``mtl-turns`` /
+  ``fs-avg`` / ``fs`` separate the effect of the update order from that of the masks. The
+  :class:`~fsmtl.engine.Trainer` runs the turns when the strategy's ``in_turns`` is True, calling
+  :meth:`backward_task` once per task.
 * STL with Fisher-sparse updates (method ``stl-fs``): one model per task, each trained with its own
   Fisher mask; it has sparsity without sharing, so comparing it with FS separates the two effects.
 """
@@ -33,7 +35,7 @@ from ...estimators import task_scores
 from ...sparse_training import compute_masks
 from ..method import Method
 from ..weighting.equal import EqualWeighting
-from .fisher import FisherSparse, _fisher_sparse
+from .fisher import FisherSparse, _fisher_sparse, task_backward
 from .random import RandomSparse, _random_sparse
 
 
@@ -113,21 +115,6 @@ class FisherSparseVariant(FisherSparse):
         )
 
 
-def task_backward(model, t: int, loss: torch.Tensor, mask: Sequence[torch.Tensor] | None) -> None:
-    """Write ``.grad`` for one task's update: ``S_t * g_t`` on the masked trunk parameters (``g_t``
-    without a mask), ``g_t`` on the densely shared ones and on head t; other heads get no gradient."""
-    masked = model.masked_parameters()
-    dense = model.dense_shared_parameters()
-    head = [p for p in model.heads[t].parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, [*masked, *dense, *head], allow_unused=True)
-    for i, (p, g) in enumerate(zip([*masked, *dense, *head], grads)):
-        if g is None:
-            g = torch.zeros_like(p)
-        if mask is not None and i < len(masked):
-            g = torch.where(mask[i], g, 0.0)
-        p.grad = g
-
-
 class FisherSparseInTurns(FisherSparseVariant):
     """FS with the tasks updated in turns: T optimizer updates per step (see the module docstring)."""
 
@@ -169,9 +156,11 @@ METHODS = (
            FisherSparseVariant, variant="per_layer", sparse=True),
     Method("fs-masked", "FS-masked", partial(_fisher_sparse, "fs", cls=FisherSparseVariant, masked_fisher=True),
            FisherSparseVariant, variant="masked_fisher", sparse=True),
+    Method("fs-avg", "FS-avg", partial(_fisher_sparse, "fs", cls=FisherSparseVariant, update="average"),
+           FisherSparseVariant, variant="average", sparse=True),
     Method("fs-turns", "FS-turns", partial(_fisher_sparse, "fs", cls=FisherSparseInTurns), FisherSparseInTurns,
            variant="in_turns", sparse=True),
     Method("mtl-turns", "MTL-turns", _equal_in_turns, EqualWeightingInTurns, variant="in_turns"),
-    Method("stl-fs", "STL-FS", partial(_fisher_sparse, "fs", cls=FisherSparseVariant), FisherSparseVariant,
-           variant="stl", sparse=True, single_task=True),
+    Method("stl-fs", "STL-FS", partial(_fisher_sparse, "fs", cls=FisherSparseVariant, update="average"),
+           FisherSparseVariant, variant="stl", sparse=True, single_task=True),
 )  # fmt: skip
