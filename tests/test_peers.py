@@ -92,35 +92,56 @@ def min_norm_2(g1, g2):
     return torch.stack([a, 1 - a])
 
 
-def test_mgda_ub_uses_representation_gradients():
+@pytest.mark.parametrize(
+    "normalization, heads", [("none", "unweighted"), ("loss+", "weighted"), ("l2", "weighted"), ("loss", "unweighted")]
+)
+def test_mgda_ub_uses_representation_gradients(normalization, heads):
+    """The min-norm weights of the normalised representation gradients (the authors'
+    ``gradient_normalizers``), the trunk through Z with the raw gradients, heads a_t-weighted or not."""
     tasks = [Task("a", "binary", 1), Task("b", "binary", 1)]
     torch.manual_seed(1)
     trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
     model = fsmtl.MultiTaskModel(trunk, [nn.Linear(6, 1), nn.Linear(6, 1)])
     x, _ = batch()
-    ys = [(x[:, 0] > 0).float(), (x[:, 1] > 0).float()]
-    s = MGDAUB(epsilon=1e-9, max_iters=10000)
+    ys = [(x[:, 0] > 0).float(), 3.0 * (x[:, 1] > 0).float().clamp(max=1)]
+    s = MGDAUB(normalization, heads, epsilon=1e-9, max_iters=10000)
     s.bind(TrainingContext(model, tasks, lambda t, n: None, torch.Generator()))
     z = model.features(x)
     losses = [task_loss(t, h(z), y) for t, h, y in zip(tasks, model.heads, ys)]
     gz = [torch.autograd.grad(v, z, retain_graph=True)[0] for v in losses]
-    a = min_norm_2(gz[0].flatten(), gz[1].flatten())
+    by = {
+        "none": [1.0, 1.0],
+        "l2": [g.norm() for g in gz],
+        "loss": [float(v.detach()) for v in losses],
+        "loss+": [float(v.detach()) * g.norm() for v, g in zip(losses, gz)],
+    }[normalization]
+    a = min_norm_2(gz[0].flatten() / by[0], gz[1].flatten() / by[1])
     s.backward(losses)
     assert 0.05 < a[0] < 0.95  # an interior min-norm point
     torch.testing.assert_close(s.last_weights, a, atol=1e-4, rtol=1e-4)
     got = grads(model)
-    # Expected trunk gradient: back through Z with a_1 dL1/dZ + a_2 dL2/dZ; heads their own.
+    # Expected trunk gradient: back through Z with a_1 dL1/dZ + a_2 dL2/dZ; heads a_t dL_t or dL_t.
     model.zero_grad(set_to_none=True)
     z = model.features(x)
     losses = [task_loss(t, h(z), y) for t, h, y in zip(tasks, model.heads, ys)]
     params = model.shared_parameters()
     gp = [torch.cat([g.flatten() for g in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses]
-    torch.autograd.backward(losses[0] + losses[1], inputs=model.head_parameters(), retain_graph=True)
+    w = a if heads == "weighted" else torch.ones(2)
+    torch.autograd.backward(w[0] * losses[0] + w[1] * losses[1], inputs=model.head_parameters(), retain_graph=True)
     torch.autograd.backward(z, a[0] * gz[0] + a[1] * gz[1], inputs=params)
     for g, e in zip(got, grads(model)):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
     # ... which is not MGDA on the parameter gradients (the min-norm weights differ).
     assert not torch.allclose(min_norm_2(*gp), a, atol=1e-3)
+
+
+def test_mgda_ub_defaults_are_the_authors_and_bad_choices_are_named():
+    s = METHODS["mgda-ub"].build()
+    assert (s.normalization, s.heads) == ("loss+", "weighted")
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        MGDAUB("l1")
+    with pytest.raises(ValueError, match="heads must be one of"):
+        MGDAUB(heads="half")
 
 
 def test_mgda_ub_trains_in_the_trainer():
