@@ -76,9 +76,10 @@ def build_model(benchmark: Benchmark, *, hidden: int = 128, backbone: str = "aut
 
 
 def _token_geometry(shape: tuple[int, ...]) -> dict[str, int]:
-    """Patches of 4x4 pixels (2x2 or 1x1 for small or odd images), tokens of 4 features (2 or 1)."""
+    """Patches of 4x4 pixels on images of side >= 16 (else 2x2, or 1x1 for odd sizes), tokens of 4
+    features (2 or 1)."""
     if len(shape) == 3:
         side = min(shape[1:])
-        patch = next(p for p in (4, 2, 1) if shape[1] % p == 0 and shape[2] % p == 0 and side // p >= 2 or p == 1)
-        return {"patch": patch}
+        fits = [p for p in (4, 2) if shape[1] % p == 0 and shape[2] % p == 0 and side // p >= (4 if p == 4 else 2)]
+        return {"patch": fits[0] if fits else 1}
     return {"token_size": next(k for k in (4, 2, 1) if shape[0] % k == 0)}
