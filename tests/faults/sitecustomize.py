@@ -4,9 +4,9 @@ Python imports ``sitecustomize`` at start-up from ``sys.path``: a test puts this
 ``PYTHONPATH`` and names one fault in ``FSMTL_FAULT``; the process (and every rank torchrun starts
 from it) then runs the unchanged command with the fault:
 
-* ``kill-writing:NAME``: SIGKILL (kill -9) while writing the file ``NAME``: its temporary file holds
-  the data, fsync has not returned, nothing is renamed yet;
-* ``enospc-writing:NAME``: the write of ``NAME`` fails with ENOSPC (a full file system);
+* ``kill-writing:NAME``: SIGKILL (kill -9) while writing the first file whose name starts with
+  ``NAME``: its temporary file holds the data, fsync has not returned, nothing is renamed yet;
+* ``enospc-writing:NAME``: that write fails with ENOSPC (a full file system);
 * ``slow:SECONDS``: every training step sleeps (a run that holds its locks for a while);
 * ``rank:R:CALL:KIND``: on rank ``R``, at the ``CALL``-th step's loss all-reduce, ``hang`` (sleep),
   ``raise`` (RuntimeError), ``kill`` (SIGKILL) or ``nan`` (this rank's first loss becomes NaN).
@@ -27,7 +27,7 @@ def _mark() -> None:
 
 def _writing(fd: int, name: str) -> bool:
     try:
-        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}.")
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}")
     except OSError:
         return False
 

@@ -8,13 +8,18 @@ or the new one, never a truncated file under a checkpoint name; leftover ``*.tmp
 ignored and removed on the next write. An ``OSError`` while writing (a full disk, a failing
 device) is re-raised with the final file's name as its ``filename`` and leaves no temporary file.
 
-Reading back (:func:`latest`) skips any checkpoint that does not load, whatever the damage
-(truncated, garbage bytes, not a Trainer state), with a warning naming it, and takes the next
-older one; when none loads, the warning says that training restarts from step 0.
+Every ``torch.save`` file written here (:func:`atomic_save`: checkpoints, finished results) ends
+with a trailer holding the SHA-256 of its bytes; :func:`load_verified` checks it before loading, so
+that damage the unpickler would not notice (a flipped byte inside a tensor, or a digit of a
+counter) is found as surely as a truncated file or garbage bytes. Reading back (:func:`latest`)
+skips any checkpoint that fails, whatever the damage (truncated, garbage, altered, not a Trainer
+state), with a warning naming it, and takes the next older one; when none loads, the warning says
+that training restarts from step 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -25,6 +30,10 @@ from pathlib import Path
 import torch
 
 PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+#: Ends every file of :func:`atomic_save`, followed by the hex SHA-256 of the bytes before it and "\n".
+TRAILER = b"\nfsmtl-sha256:"
+_TRAILER_SIZE = len(TRAILER) + 64 + 1
 
 STOP = threading.Event()
 """Set by the SIGINT/SIGTERM handler of :func:`fsmtl.run.resume.stop_on_signals`; a Trainer checks it
@@ -100,8 +109,62 @@ def write_atomically(path: str | os.PathLike[str], mode: str, write, *, newline:
 
 
 def atomic_save(obj, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same dir, fsync, ``os.replace``)."""
-    return write_atomically(path, "wb", lambda f: torch.save(obj, f))
+    """``torch.save(obj)`` to ``path`` atomically (tmp file in the same dir, fsync, ``os.replace``),
+    followed by the :data:`TRAILER` with the SHA-256 of the saved bytes."""
+
+    def save(f) -> None:
+        hashing = _Hashing(f)
+        torch.save(obj, hashing)
+        f.write(TRAILER + hashing.digest.hexdigest().encode() + b"\n")
+
+    return write_atomically(path, "wb", save)
+
+
+class _Hashing:
+    """A binary file that hashes what is written to it."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.digest = hashlib.sha256()
+
+    def write(self, data):
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def load_verified(path: str | os.PathLike[str], map_location=None):
+    """The object :func:`atomic_save` wrote to ``path``, after checking its SHA-256 trailer;
+    ``ValueError`` ``"<path> is unreadable (<why>)"`` for any damage."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            f.seek(max(0, size - _TRAILER_SIZE))
+            tail = f.read()
+            if size < _TRAILER_SIZE or not tail.startswith(TRAILER) or not tail.endswith(b"\n"):
+                why = "empty" if size == 0 else "no checksum trailer: truncated, or not written by fsmtl"
+                raise ValueError(f"{path} is unreadable ({why})")
+            f.seek(0)
+            left = size - _TRAILER_SIZE
+            while left:
+                chunk = f.read(min(left, 1 << 22))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                left -= len(chunk)
+    except OSError as exc:
+        raise ValueError(f"{path} is unreadable ({exc.strerror or exc})") from None
+    if digest.hexdigest().encode() != tail[len(TRAILER) : -1]:
+        raise ValueError(f"{path} is unreadable (checksum mismatch: its bytes changed after it was written)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 (the unpickler raises anything on data it cannot read)
+        cause = str(exc).splitlines()[0] if str(exc) else ""
+        raise ValueError(f"{path} is unreadable ({type(exc).__name__}{': ' + cause if cause else ''})") from None
 
 
 def atomic_write_text(text: str, path: str | os.PathLike[str]) -> Path:
@@ -134,11 +197,7 @@ def save_checkpoint(state: dict, directory: str | os.PathLike[str], step: int, *
 def read_state(path: Path, map_location=None) -> dict:
     """The Trainer state in checkpoint ``path``; ``ValueError`` naming the file and the damage when
     it does not load or holds something else (any exception of the unpickler counts as damage)."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 (garbage bytes raise anything from the unpickler)
-        cause = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"{path} is unreadable ({type(exc).__name__}{': ' + cause if cause else ''})") from None
+    state = load_verified(path, map_location)
     if not isinstance(state, dict) or "version" not in state:
         raise ValueError(f"{path} is unreadable (holds a {type(state).__name__}, not a fsmtl Trainer state)")
     return state

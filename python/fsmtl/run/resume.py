@@ -28,8 +28,6 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from ..collectives import barrier, is_main_process
 from ..engine import checkpoint as ckpt
 from ..engine.fingerprint import check_same_run
@@ -128,11 +126,7 @@ class RunStore:
 def read_result(path: Path) -> dict:
     """A finished run's record (``RESULT_KEY``, ``fingerprint``, ``result``); ``ValueError``
     naming the file and the damage when it does not load or holds something else."""
-    try:
-        record = torch.load(path, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 (garbage bytes raise anything from the unpickler)
-        cause = str(exc).splitlines()[0] if str(exc) else ""
-        raise ValueError(f"{path} is unreadable ({type(exc).__name__}{': ' + cause if cause else ''})") from None
+    record = ckpt.load_verified(path)
     if not isinstance(record, dict) or record.get(RESULT_KEY) != 1 or not {"fingerprint", "result"} <= set(record):
         raise ValueError(f"{path} is unreadable (not a finished-run record of this fsmtl version)")
     return record
