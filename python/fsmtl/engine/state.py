@@ -203,6 +203,9 @@ class _Backup:
         self.scaler = copy.deepcopy(trainer.scaler.state_dict()) if trainer.scaler is not None else None
         self.strategy = dict(trainer.strategy.__dict__)
         self.strategy_bound = trainer.strategy_bound
+        # A bound strategy's parts may be changed in place (a generator's state, module weights):
+        # its own state, to load back after its attributes.
+        self.strategy_state = copy.deepcopy(trainer.strategy.state_dict()) if trainer.strategy_bound else None
         # Binding a strategy may register hooks on the model's modules: keep the hook tables too.
         self.hooks = [
             (table, dict(table))
@@ -229,6 +232,8 @@ class _Backup:
         t.strategy.__dict__.clear()
         t.strategy.__dict__.update(self.strategy)
         t.strategy_bound = self.strategy_bound
+        if self.strategy_state is not None:
+            t.strategy.load_state_dict(self.strategy_state)
         for table, entries in self.hooks:
             table.clear()
             table.update(entries)
