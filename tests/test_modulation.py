@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 import fsmtl
+import fsmtl_kernels
 from fsmtl.data import Split
 from fsmtl.models import cnn_trunk
 from fsmtl.strategies import METHODS, Composed, EqualWeighting, TrainingContext
 from fsmtl.strategies.architecture.base import modulation_points
-from fsmtl.strategies.architecture.roaming import MaximumRoaming
+from fsmtl.strategies.architecture.roaming import MaximumRoaming, covering_unit_masks
 from fsmtl.strategies.architecture.routing import TaskRouting
 from fsmtl.strategies.architecture.se import TaskSqueezeExcitation
 from fsmtl.tasks import Task
@@ -107,23 +108,38 @@ def test_task_routing_trains_shared_weights_densely():
         torch.testing.assert_close(p.grad, sum(g[i] for g in per_task) / 3)
 
 
-def test_maximum_roaming_swaps_one_unit_and_visits_every_unit():
+def test_maximum_roaming_covering_initialisation_gives_every_unit_a_task():
+    """The authors' start: unit j to task j mod T, then random units up to the keep ratio."""
+    for channels, ratio in ((10, 0.3), (32, 0.5), (7, 0.2), (123, 0.9)):
+        masks = covering_unit_masks(channels, 3, ratio, torch.Generator().manual_seed(0))
+        k = fsmtl_kernels.resolve_k(ratio, channels, "keep_ratio")
+        assert masks.any(0).all()  # every unit covered by some task
+        assert all(masks[j % 3, j] for j in range(channels))
+        assert (masks.sum(1) == torch.clamp(torch.tensor([len(range(t, channels, 3)) for t in range(3)]), min=k)).all()
+    # 7 units, 3 tasks, keep 0.2 (k = 1): the covering alone gives 3, 2 and 2 units.
+    assert covering_unit_masks(7, 3, 0.2, torch.Generator()).sum(1).tolist() == [3, 2, 2]
+
+
+def test_maximum_roaming_swaps_one_unit_visits_every_unit_then_freezes():
     model, split = cnn_model(hidden=10), data()
     mr = MaximumRoaming(0.3, every=1)
     mr.bind(context(model, split))
+    assert mr.free_units() == [32 - 10, 10 - 3]  # k = 10 of 32, 3 of 10 (the covering gives task 0 four)
     history = [[m.clone() for m in mr.masks]]
-    for _ in range(12):
+    for _ in range(25):
         mr.roam()
         history.append([m.clone() for m in mr.masks])
-    for before, after in zip(history, history[1:]):
+    for n, (before, after) in enumerate(zip(history, history[1:])):
         for a, b in zip(before, after):
-            assert (a.sum(1) == b.sum(1)).all()  # the keep ratio never changes
-            assert ((a ^ b).sum(1) == 2).all()  # one unit out, one unit in, per task
-    # 10 channels, 3 kept: after 7 updates each task has visited all 10 units of that layer.
-    union = torch.stack([h[1] for h in history[:8]]).any(0)
-    assert union.all()
-    # A new cycle starts once every unit was visited: the roaming goes on.
-    assert not torch.equal(history[8][1], history[12][1])
+            assert (a.sum(1) == b.sum(1)).all()  # the number of active units never changes
+            holds = a.sum(1)
+            swaps = (a ^ b).sum(1)
+            # one unit out, one in, per task, until it has visited all units; then frozen
+            assert (swaps == torch.where(n < a.shape[1] - holds, 2, 0)).all()
+    # 10 channels: task 0 holds 4 and has visited all after 6 updates, tasks 1 and 2 after 7.
+    assert all(torch.stack([h[1][t] for h in history[: 11 - k]]).any(0).all() for t, k in enumerate((4, 3, 3)))
+    assert mr.frozen and mr.updates == 25
+    assert not mr.updates_at(5, 100, True)
 
 
 def test_maximum_roaming_updates_every_k_steps_in_training():
@@ -135,15 +151,20 @@ def test_maximum_roaming_updates_every_k_steps_in_training():
         MaximumRoaming(0.5, every=0)
 
 
-def test_maximum_roaming_on_the_run_schedule_roams_in_a_short_run():
+def test_maximum_roaming_on_the_run_schedule_visits_every_unit_within_one_period():
+    """What `fsmtl run --warmup 1 --update-every 1` builds: roaming starts after the warm-up
+    epoch, at the pace that visits every unit within one epoch, then the masks freeze."""
     from fsmtl.strategies import MaskSchedule
     from fsmtl.strategies.method import MethodOptions
 
-    model, split = cnn_model(), data(n=32)
-    # What `fsmtl run --warmup 1 --update-every 1` builds: roam at the start of epochs 1 and 2.
-    mr = METHODS["mr"].build(MethodOptions(keep_ratio=0.5, schedule=MaskSchedule(warmup=1, every=1)))
-    fit(mr, model, split, epochs=3)  # 12 steps, fewer than the step default of 100
-    assert mr.architecture.updates == 2
+    model, split = cnn_model(hidden=4), data(n=64)
+    mr = METHODS["mr"].build(MethodOptions(keep_ratio=0.75, schedule=MaskSchedule(warmup=1, every=1)))
+    trainer = fit(mr, model, split, epochs=3)  # 8 steps per epoch
+    roaming = mr.architecture
+    assert roaming.free_units() == [32 - 24, 4 - 3] and roaming.every == 8 // 8
+    assert roaming.frozen and roaming.updates == 8  # steps 8..15, then frozen in the third epoch
+    assert all(v.all() for v in roaming.visited)
+    assert trainer.history["mask_updates"] is not None
     with pytest.raises(TypeError, match="schedule"):
         MaximumRoaming(0.5, schedule=2)
 
