@@ -315,13 +315,16 @@ def _write_failed(args, cfg, store, exc: OSError, results: dict | None) -> int:
 
 def _space_warnings(args, cfg, data, store, runs: int) -> None:
     """Warn when ``--out`` or the checkpoint directory has less free space than the run writes."""
+    import torch
+
     from ..collectives import is_main_process
     from ..models import build_model
     from .outputs import expected_bytes, space_warnings
 
     if not is_main_process():
         return
-    parameters = sum(p.numel() for p in build_model(data, hidden=cfg.hidden, backbone=cfg.model).parameters())
+    with torch.random.fork_rng(devices=[]):  # the estimate draws nothing from the runs' random streams
+        parameters = sum(p.numel() for p in build_model(data, hidden=cfg.hidden, backbone=cfg.model).parameters())
     keep_last = store.keep_last if store is not None else 0
     need = expected_bytes(parameters, runs, len(cfg.methods) + 2, keep_last)
     needs = {args.out: ("--out", need["outputs"])}
