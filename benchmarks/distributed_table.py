@@ -15,6 +15,14 @@ ones; the table gives the median of ``--repeats`` timings in steps/s, samples/s 
 and the bytes each process all-reduces per step (payload of the collectives, not wire bytes:
 ring all-reduce sends about 2 (W-1)/W times the payload). Run:
 ``OMP_NUM_THREADS=1 python benchmarks/distributed_table.py`` (writes ``results/distributed.json``).
+
+``--fsdp``: instead, per-rank memory and bytes per step of sharded training on the ResNet-18 trunk
+(11.2M parameters, 32x32 inputs, T = 8 binary heads, Adam) at W = 2 and 3 ranks, side by side:
+DDP (plain, ``DistributedDataParallel``), plain FSDP2 (``fully_shard`` per block, dense MTL),
+FSMTL on DDP (the Trainer's one all-reduce per step) and FSMTL on FSDP2 (``parallel="fsdp"``).
+Memory is counted from the tensors each rank holds after a step (parameters, gradients, optimizer
+state: their local shards; masks: the packed masks), bytes per step from the payloads of the
+collectives each rank calls (DDP's from its buckets: 4 P). Writes ``results/fsdp.json``.
 """
 
 from __future__ import annotations
@@ -142,14 +150,129 @@ def _measure(rank: int, size: int, out: str, steps: int, warmup: int, repeats: i
         Path(out).write_text(json.dumps(rows))
 
 
+def _local_bytes(tensors) -> int:
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _fsdp_resnet() -> fsmtl.MultiTaskModel:
+    from fsmtl.models import ResNet18Trunk
+
+    torch.manual_seed(0)
+    trunk = ResNet18Trunk(3)
+    return fsmtl.MultiTaskModel(trunk, [nn.Linear(trunk.out_features, 1) for _ in range(T)])
+
+
+def _fsdp_row(kind: str, size: int, steps: int, batch: int) -> dict:
+    """One configuration's per-rank memory and bytes per step (after ``steps`` steps)."""
+    from fsmtl.strategies import EqualWeighting, FisherSparse
+
+    payload = {"bytes": 0}
+    originals = {}
+    for name in ("reduce_scatter_single", "all_gather_single"):
+        originals[name] = getattr(dist, name)
+
+        def spy(*args, _original=originals[name], **kwargs):
+            tensor = kwargs.get("input", args[1] if len(args) > 1 else None)
+            payload["bytes"] += tensor.numel() * tensor.element_size()
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, spy)
+    try:
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(batch * size * steps, 3, 32, 32, generator=g)
+        data = Split([x] * T, [(x[:, t % 3].mean((1, 2)) > 0).float() for t in range(T)])
+        model = _fsdp_resnet()
+        if kind == "DDP":
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            optimizer = torch.optim.Adam(ddp.parameters(), 1e-3)
+            for step in range(steps):
+                i = slice((step * size + dist.get_rank()) * batch, (step * size + dist.get_rank() + 1) * batch)
+                features = ddp.module.trunk(x[i])
+                loss = sum(nn.functional.binary_cross_entropy_with_logits(h(features)[:, 0], y[i])
+                           for h, y in zip(model.heads, data.targets))  # fmt: skip
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            step_bytes = 4 * sum(p.numel() for p in model.parameters())  # DDP all-reduces every gradient once
+            masks = 0
+        else:
+            sharded = kind.endswith("FSDP2")
+            if sharded:
+                model.shard()
+            strategy = FisherSparse(0.3, samples=16, schedule=MaskSchedule(0, 1), update="average") if (
+                kind.startswith("FSMTL")
+            ) else (
+                EqualWeighting())  # fmt: skip
+            optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+            trainer = fsmtl.Trainer(model, TASKS, strategy, optimizer, parallel="fsdp" if sharded else None)
+            trainer.fit(data, epochs=1, batch_size=batch, progress=None)  # the mask update is at step 0
+            payload["bytes"] = 0
+            trainer.fit(data, epochs=1, batch_size=batch, progress=None)  # masks kept: steps only
+            step_bytes = payload["bytes"] // steps if sharded else trainer.gradient_sync.bytes_per_step
+            mask = strategy.mask if kind.startswith("FSMTL") else None
+            masks = mask.words.numel() * 4 if mask is not None else 0
+        states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+        return {
+            "parameters": _local_bytes(model.parameters()),
+            "gradients": _local_bytes(p.grad for p in model.parameters()),
+            "optimizer": _local_bytes(states),
+            "masks": masks,
+            "bytes_per_step": step_bytes,
+        }
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _fsdp_measure(rank: int, size: int, out: str, steps: int, batch: int) -> None:
+    torch.set_num_threads(1)
+    rows = {kind: _fsdp_row(kind, size, steps, batch) for kind in ("DDP", "FSDP2", "FSMTL on DDP", "FSMTL on FSDP2")}
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def fsdp_table(steps: int, batch: int, out: Path) -> None:
+    table = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (2, 3):
+            spawn(_fsdp_measure, size, (f"{tmp}/{size}.json", steps, batch), timeout_s=1800)
+            table[size] = json.loads(Path(f"{tmp}/{size}.json").read_text())
+    params = sum(p.numel() for p in _fsdp_resnet().parameters())
+    load = os.getloadavg()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{load[0]:.1f}; torch {torch.__version__}; ResNet-18 trunk + {T} heads, P = {params:,} float32; "
+          f"per-rank batch {batch}, Adam")  # fmt: skip
+    print("| method | W | parameters MiB | gradients MiB | optimizer MiB | masks MiB | bytes per step and rank |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    mib = 2**20
+    for kind in table[2]:
+        for size in (2, 3):
+            r = table[size][kind]
+            print(f"| {kind} | {size} | {r['parameters'] / mib:.1f} | {r['gradients'] / mib:.1f} | "
+                  f"{r['optimizer'] / mib:.1f} | {r['masks'] / mib:.1f} | {r['bytes_per_step']:,} |")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"params": params, "T": T, "batch": batch, "load": load, "table": table}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fsdp", action="store_true", help="the sharded-training memory and bytes table instead")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.fsdp:
+        out = args.out if args.out.name != "distributed.json" else args.out.with_name("fsdp.json")
+        fsdp_table(steps=4, batch=4, out=out)
+        return
     table = {}
     with tempfile.TemporaryDirectory() as tmp:
         for size in (1, 2):

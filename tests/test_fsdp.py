@@ -34,7 +34,7 @@ def model(shard: bool) -> fsmtl.MultiTaskModel:
     return net.shard() if shard else net
 
 
-def trainer(shard: bool, method: str = "fs") -> fsmtl.Trainer:
+def trainer(shard: bool, method: str = "fs-avg") -> fsmtl.Trainer:
     net = model(shard)
     options = fsmtl.strategies.MethodOptions(keep_ratio=0.3, samples=64, schedule=fsmtl.MaskSchedule(0, 1))
     strategy = get_method(method).build(options)
@@ -59,20 +59,22 @@ def refusals() -> list[str]:
 
     def unsharded():
         net = model(False)
-        fsmtl.Trainer(net, TASKS, fsmtl.FisherSparse(0.3), torch.optim.SGD(net.parameters(), 0.1), parallel="fsdp")
+        fsmtl.Trainer(net, TASKS, fsmtl.FisherSparse(0.3, update="average"), torch.optim.SGD(net.parameters(), 0.1),
+                      parallel="fsdp")  # fmt: skip
 
     def optimizer_before_shard():
         net = model(False)
         optimizer = torch.optim.SGD(net.parameters(), 0.1)  # holds the unsharded parameters
-        fsmtl.Trainer(net.shard(), TASKS, fsmtl.FisherSparse(0.3), optimizer, parallel="fsdp")
+        fsmtl.Trainer(net.shard(), TASKS, fsmtl.FisherSparse(0.3, update="average"), optimizer, parallel="fsdp")
 
     cases = [
         unsharded,
         optimizer_before_shard,
         lambda: trainer_with(get_method("gradnorm").build()),
-        lambda: trainer_with(fsmtl.FisherSparse(0.3, mask_forward=True)),
-        lambda: trainer_with(fsmtl.FisherSparse(0.3), amp="bf16"),
-        lambda: trainer_with(fsmtl.FisherSparse(0.3), homogeneous=False),
+        lambda: trainer_with(fsmtl.FisherSparse(0.3, mask_forward=True, update="average")),
+        lambda: trainer_with(fsmtl.FisherSparse(0.3, update="average"), amp="bf16"),
+        lambda: trainer_with(fsmtl.FisherSparse(0.3, update="average"), homogeneous=False),
+        lambda: trainer_with(fsmtl.FisherSparse(0.3)),
     ]
     messages = []
     for case in cases:
@@ -93,7 +95,7 @@ def _worker(rank: int, size: int, out: str) -> None:
     calls = collections.Counter()
     counting(calls)
     results = {}
-    for method in ("fs", "mtl"):
+    for method in ("fs-avg", "mtl"):
         calls.clear()
         run = trainer(True, method)
         run.fit(split(), epochs=EPOCHS, batch_size=BATCH, progress=None)
@@ -104,10 +106,10 @@ def _worker(rank: int, size: int, out: str) -> None:
             "updates": [u["ones"] for u in run.history["mask_updates"]],
             "params": [p.detach().clone() for p in run.model.full_copy().parameters()],
         }
-    run_fs = trainer(True, "fs")
+    run_fs = trainer(True)
     run_fs.fit(split(), epochs=EPOCHS - 1, batch_size=BATCH, checkpoint_dir=f"{out}/ckpt", checkpoint_every=1,
                progress=None)  # fmt: skip
-    resumed = trainer(True, "fs")
+    resumed = trainer(True)
     assert resumed.resume(f"{out}/ckpt") and resumed.epoch == EPOCHS - 1
     resumed.fit(split(), epochs=1, batch_size=BATCH, progress=None)
     results["resumed"] = {
@@ -136,20 +138,20 @@ def ranks(request, tmp_path_factory):
 def test_masks_are_equal_on_every_rank_and_to_one_process(ranks):
     size, parts, single = ranks
     for part in parts:
-        assert torch.equal(part["fs"]["mask"], single.strategy.mask.words)
-        assert part["fs"]["updates"] == [u["ones"] for u in single.history["mask_updates"]]
+        assert torch.equal(part["fs-avg"]["mask"], single.strategy.mask.words)
+        assert part["fs-avg"]["updates"] == [u["ones"] for u in single.history["mask_updates"]]
 
 
 def test_parameters_follow_one_process_with_the_global_batch(ranks):
     size, parts, single = ranks
     for part in parts:
-        for a, b in zip(part["fs"]["params"], single.model.parameters(), strict=True):
+        for a, b in zip(part["fs-avg"]["params"], single.model.parameters(), strict=True):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_one_reduce_scatter_per_fsdp_group_per_step_as_plain_fsdp(ranks):
     _, parts, _ = ranks
-    fs, mtl = parts[0]["fs"], parts[0]["mtl"]
+    fs, mtl = parts[0]["fs-avg"], parts[0]["mtl"]
     assert fs["steps"] == mtl["steps"] and fs["reduce_scatters"] == mtl["reduce_scatters"]
     assert fs["reduce_scatters"] == fs["steps"] * (parts[0]["groups"] - 1)  # the root holds no parameter
 
@@ -157,8 +159,8 @@ def test_one_reduce_scatter_per_fsdp_group_per_step_as_plain_fsdp(ranks):
 def test_a_sharded_checkpoint_resumes_bit_for_bit(ranks):
     _, parts, _ = ranks
     for part in parts:
-        assert torch.equal(part["resumed"]["mask"], part["fs"]["mask"])
-        for a, b in zip(part["resumed"]["params"], part["fs"]["params"], strict=True):
+        assert torch.equal(part["resumed"]["mask"], part["fs-avg"]["mask"])
+        for a, b in zip(part["resumed"]["params"], part["fs-avg"]["params"], strict=True):
             assert torch.equal(a, b)
 
 
@@ -179,3 +181,4 @@ def test_what_cannot_run_on_shards_is_refused_before_training(ranks):
     assert "mask_forward" in messages[3]
     assert "mp_policy" in messages[4]
     assert "homogeneous" in messages[5]
+    assert "in turns" in messages[6] and "fs-avg" in messages[6]

@@ -111,3 +111,12 @@ def run_record() -> dict:
     run; ``{}`` in a single process (whose results stay as they were)."""
     w = world()
     return {} if w is None else {"distributed": {"world_size": w[1], "backend": dist.get_backend()}}
+
+
+def broadcast_buffers(module: torch.nn.Module, group=None) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank, as DDP's
+    ``broadcast_buffers``: each rank updates them on its own data, so they drift apart."""
+    if world(group) is None:
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)

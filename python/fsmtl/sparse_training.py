@@ -25,7 +25,7 @@ import torch
 
 import fsmtl_kernels as fk
 
-from .collectives import check_identical, reduce_scores
+from .collectives import broadcast_buffers, check_identical, reduce_scores
 from .data.batches import sampler
 from .estimators import ESTIMATORS, task_scores
 from .gradients import (
@@ -259,13 +259,15 @@ class FSMTL:
     def fisher_masks(self, sample: Sample) -> fk.PackedMask:
         """Each task's top-``keep_ratio`` entries by :attr:`estimator` score on ``samples`` examples.
 
-        A model sharded with FSDP2 is scored on a full copy gathered from every rank, with every
-        rank scoring the same samples: the masks are the ones one process computes from the same
-        weights, bit for bit, on every rank (for the time of the update each rank holds the full
-        trunk and its scores)."""
+        A model sharded with FSDP2 is scored on a full copy gathered from every rank (with rank 0's
+        buffers, such as BatchNorm statistics), every rank scoring the same samples: the masks are
+        the ones one process computes from the same weights, bit for bit, on every rank (for the
+        time of the update each rank holds the full trunk and its scores)."""
         batches = [sample(t, self.samples) for t in range(len(self.tasks))]
         sharded = self.model.is_sharded
         model = self.model.full_copy() if sharded else self.model
+        if sharded:  # every rank scores the same samples: with rank 0's BatchNorm statistics too
+            broadcast_buffers(model)
         masks = compute_masks(
             model, self.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size,
             reduce=not sharded,

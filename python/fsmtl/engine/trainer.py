@@ -171,8 +171,9 @@ class Trainer:
         if self.gradient_sync is not None and fisher_data is not None and self.parallel != "fsdp":
             sample = self.gradient_sync.shard_sampler(sample)  # each rank scores its share of the N samples
         context = TrainingContext(
-            self.model, self.tasks, sample, self.strategy_generator, has_data=fisher_data is not None
-        )
+            self.model, self.tasks, sample, self.strategy_generator, has_data=fisher_data is not None,
+            homogeneous=self.homogeneous,
+        )  # fmt: skip
         self.strategy.bind(context)
         self.strategy_bound = True
 

@@ -29,8 +29,8 @@ class TrainingContext:
     drawing ``n`` training examples of task ``t`` on the model's device, the strategy's own
     random generator, ``task_parameters``: trainable tensors besides the heads that each belong
     to one task (an architecture's per-task modules), which a weighting treats like the heads,
-    and ``has_data``: False when bound without training data (a state loaded before ``fit``),
-    where ``sample`` raises."""
+    ``has_data``: False when bound without training data (a state loaded before ``fit``),
+    where ``sample`` raises, and ``homogeneous``: whether the tasks share their inputs."""
 
     model: MultiTaskModel
     tasks: Sequence[Task]
@@ -38,6 +38,7 @@ class TrainingContext:
     generator: torch.Generator
     task_parameters: Sequence[torch.Tensor] = ()
     has_data: bool = True
+    homogeneous: bool = True
 
 
 class Strategy(ABC):

@@ -72,7 +72,7 @@ class FisherSparse(SparseStrategy):
         if self.update != "paper":
             return self.update == "turns"
         context = self.__dict__.get("_context")
-        return bool(getattr(context, "homogeneous", True))
+        return context is None or context.homogeneous
 
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
         """Task ``t``'s own update in turns: ``S_t * g_t`` on the masked trunk (``g_t`` before the

@@ -32,7 +32,6 @@ import torch
 import fsmtl_kernels as fk
 
 from ...estimators import task_scores
-from ...sparse_training import compute_masks
 from ..method import Method
 from ..weighting.equal import EqualWeighting
 from .fisher import FisherSparse, _fisher_sparse, task_backward
@@ -95,11 +94,9 @@ class FisherSparseVariant(FisherSparse):
 
     def compute_mask(self) -> fk.PackedMask:
         ctx = self.context
-        batches = [ctx.sample(t, self.samples) for t in range(len(ctx.tasks))]
         if not self.per_layer and (not self.masked_fisher or self.mask is None):
-            return compute_masks(
-                ctx.model, ctx.tasks, batches, self.keep_ratio, estimator=self.estimator, chunk_size=self.chunk_size
-            )
+            return self.fsmtl.fisher_masks(ctx.sample)  # FS's own masks (the first masked-network ones too)
+        batches = [ctx.sample(t, self.samples) for t in range(len(ctx.tasks))]
         current = task_masks(self.mask) if self.masked_fisher and self.mask is not None else None
         per_task = []
         for t, (task, (x, y)) in enumerate(zip(ctx.tasks, batches)):
