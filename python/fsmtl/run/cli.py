@@ -442,6 +442,10 @@ def main(argv=None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"fsmtl: error: {str(message).splitlines()[0] if str(message) else type(exc).__name__}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a write before or after training (run.json, partial results on a stop)
+        target = f" {exc.filename}" if exc.filename else ""
+        print(f"fsmtl: error: cannot write{target}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fsmtl: interrupted outside training (while checking, loading data or writing results)", file=sys.stderr)
         return 130
