@@ -64,8 +64,16 @@ def topk_mask_batched(scores: Sequence[torch.Tensor], k, *, backend: str = "auto
     shapes = tuple(s.shape[1:] for s in items)
     numels = [s.numel() for s in shapes]
     ks = _checks.resolve_ks(k, num_tasks, sum(numels))
-    _checks.no_nan(items, "scores")
     word_offsets, n_words = word_layout(numels)
-    run = backends.kernel("topk_mask", backend, items[0].device)
+    device = items[0].device
+    if backends.select(backend, device).__name__ == "fsmtl_kernels.triton":
+        # The Triton kernels read fp16/bf16/fp32 as they are and reject NaN scores themselves (in
+        # the pass that reads every score anyway, or before the radix select for small inputs).
+        words = backends.kernel("topk_mask", backend, device)(
+            [s.contiguous() for s in items], ks, word_offsets, n_words
+        )
+        return PackedMask(words, shapes)
+    _checks.no_nan(items, "scores")
+    run = backends.kernel("topk_mask", backend, device)
     words = run([s.float().contiguous() for s in items], ks, word_offsets, n_words)
     return PackedMask(words, shapes)

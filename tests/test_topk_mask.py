@@ -426,6 +426,111 @@ def test_triton_random_cases_match_reference(triton, sizes, num_tasks, levels, s
 
 
 # ---------------------------------------------------------------------------------------------
+# Triton's sampled path (bracket, classify, candidates, fallback), small inputs under the interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sampled(triton, monkeypatch):
+    """The Triton backend with the sampled path on from 64 entries (a 64-score sample)."""
+    from fsmtl_kernels.triton import topk_mask as tk
+
+    monkeypatch.setattr(tk, "MIN_SAMPLED", 64)
+    monkeypatch.setattr(tk, "SAMPLE", 64)
+    monkeypatch.setattr(tk, "CAP_PAD", 16)
+    return tk
+
+
+def routes(tk, scores, ks) -> list[int]:
+    """Each task's ROUTE flags after a sampled select, the masks checked against the reference."""
+    layout = word_layout([s[0].numel() for s in scores])
+    words, state = tk.topk_select([s.contiguous() for s in scores], ks, *layout)
+    want = fk.topk_mask_batched(scores, ks, backend="reference").words
+    assert torch.equal(words, want), "packed words differ from the reference"
+    return state[:, tk.ROUTE.value].tolist()
+
+
+def test_sampled_routes(sampled, monkeypatch):
+    """Each way the classify pass can place the k-th key, and both ways of ranking split ties."""
+    tk = sampled
+    gen = torch.Generator().manual_seed(0)
+    distinct = [torch.rand(2, 300, generator=gen), torch.rand(2, 7, 11, generator=gen)]
+    assert routes(tk, distinct, [40, 200]) == [tk.ROUTE_CANDIDATES] * 2
+    # Few levels: the k-th key is the bracket's end, its ties outside the candidates are counted.
+    levels = [torch.randint(0, 3, (1, 500), generator=gen).float()]
+    assert routes(tk, levels, [250]) == [tk.ROUTE_CANDIDATES + tk.ROUTE_TIE_GATHER]
+    monkeypatch.setattr(tk, "SIGMAS", 0.0)
+    monkeypatch.setattr(tk, "MARGIN_RANKS", 0)
+    route = routes(tk, levels, [250])[0]
+    assert route & (tk.ROUTE_HI | tk.ROUTE_LO) and route & tk.ROUTE_TIE_COUNT
+    # A candidate buffer too small for the bracket: the task falls back.
+    monkeypatch.setattr(tk, "SIGMAS", 6.0)
+    monkeypatch.setattr(tk, "MARGIN_RANKS", 16)
+    assert routes(tk, distinct, [0, 1])[1] == tk.ROUTE_CANDIDATES
+    monkeypatch.setattr(tk, "CAP_FACTOR", 0.0)
+    monkeypatch.setattr(tk, "CAP_PAD", 0)
+    assert routes(tk, distinct, [40, 200]) == [tk.ROUTE_FALLBACK] * 2
+
+
+def test_sampled_many_ties_among_candidates_are_counted(sampled, monkeypatch):
+    tk = sampled
+    monkeypatch.setattr(tk, "TIE_CAP", tk.tl.constexpr(4))
+    # 100 scores above 0.5, 50 ties at 0.5 (the 120th largest), 50 below.
+    scores = [torch.cat([torch.full((1, 50), 0.5), torch.rand(1, 100) + 1.0, torch.rand(1, 50) / 4], dim=1)]
+    assert routes(tk, scores, [120]) == [tk.ROUTE_CANDIDATES + tk.ROUTE_TIE_COUNT]
+    monkeypatch.setattr(tk, "TIE_CAP", tk.tl.constexpr(64))
+    assert routes(tk, scores, [120]) == [tk.ROUTE_CANDIDATES + tk.ROUTE_TIE_GATHER]
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+def test_sampled_low_precision_scores(sampled, dtype):
+    scores = [s.to(dtype) for s in random_scores([(7,), (13, 17), (1,)], 3, CPU, seed=2)]
+    assert_same_mask(scores, [0.1, 0.5, 0.9], sampled and "triton")
+
+
+def test_sampled_signed_zeros_infinities_and_empty_parameters(sampled):
+    gen = torch.Generator().manual_seed(8)
+    values = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-38, 3.0e38, -2.0, 0.5])
+    scores = [values[torch.randint(0, 8, (2, *s), generator=gen)] for s in [(0,), (37,), (0, 3), (9, 9), (1,)]]
+    total = 37 + 81 + 1
+    for k in (1, 30, total // 2, total - 1):
+        assert_same_mask(scores, [k, total - k], "triton")
+
+
+def test_sampled_nan_named_and_nothing_returned(sampled):
+    scores = [torch.rand(1, 50), torch.rand(1, 3), torch.rand(1, 60)]
+    scores[2][0, 41] = float("nan")
+    raises_naming(ValueError, "scores[2]", lambda: fk.topk_mask_batched(scores, 10, backend="triton"))
+    raises_naming(ValueError, "scores[1]", lambda: fk.topk_mask([torch.rand(70), torch.tensor([float("nan")])], 0))
+
+
+@fixture_settings(15)
+@given(
+    sizes=st.lists(st.integers(0, 200), min_size=1, max_size=3).filter(lambda s: sum(s) >= 64),
+    num_tasks=st.integers(1, 3),
+    levels=st.sampled_from([2, 9, 1000]),
+    sigmas=st.sampled_from([0.0, 1.0, 6.0]),
+    cap_pad=st.sampled_from([0, 8, 4096]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_sampled_random_cases_match_reference(
+    sampled, monkeypatch, sizes, num_tasks, levels, sigmas, cap_pad, seed, data
+):
+    """Random lists, tie densities, bracket widths and candidate capacities (every route), 64-entry blocks."""
+    from fsmtl_kernels.triton import _utils
+
+    monkeypatch.setattr(sampled, "SIGMAS", sigmas)
+    monkeypatch.setattr(sampled, "CAP_PAD", cap_pad)
+    monkeypatch.setitem(_utils.INTERPRETER_BLOCKS, "topk", 64)
+    gen = torch.Generator().manual_seed(seed)
+    scores = [torch.randint(0, levels, (num_tasks, n), generator=gen).float() / 7 for n in sizes]
+    total = sum(sizes)
+    ks = data.draw(st.lists(st.integers(0, total), min_size=num_tasks, max_size=num_tasks))
+    assert_same_mask(scores, ks, "triton")
+
+
+# ---------------------------------------------------------------------------------------------
 # The registered op torch.ops.fsmtl.topk_mask
 # ---------------------------------------------------------------------------------------------
 
