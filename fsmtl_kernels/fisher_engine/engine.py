@@ -157,6 +157,10 @@ def _local_leaves(out_node: Node, stop: Node | None) -> tuple[set[int], bool]:
     return found, True
 
 
+def _tensors(tree) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
 def _first_tensor_arg(args, kwargs) -> torch.Tensor | None:
     if args:
         return args[0] if isinstance(args[0], torch.Tensor) else None
@@ -435,14 +439,15 @@ class _Run:
     def _module_hook(self, module, args, kwargs, output) -> None:
         if tuple(map(id, module._parameters.values())) != self.registered.get(module):
             self.swapped.add(module)
-        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+        leaves = [output] if isinstance(output, torch.Tensor) else _tensors(output)
         if not any(t.grad_fn is not None for t in leaves):
             return  # not recorded by autograd (e.g. a no_grad pass for the predicted label)
         seen = self.module_calls.get(module)
         if seen is not None:
             seen.calls += 1
             return
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        flat = not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args)
+        inputs = [a for a in args if isinstance(a, torch.Tensor)] if flat else _tensors((args, kwargs))
         self.module_calls[module] = _ModuleCall(
             module,
             args,
