@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks
+from . import _checks, backends
+from .fisher_accumulate import _check_args as _check_fisher_args
 from .fisher_accumulate import fisher_accumulate
-from .packed_mask import PackedMask
+from .packed_mask import PackedMask, word_layout
 from .topk_mask import topk_mask, topk_mask_batched
 
 
@@ -63,6 +64,9 @@ def _fisher_topk(params, grads, k, backend, *, batched: bool) -> PackedMask:
         raise TypeError("grads must be a non-empty list of per-task gradient lists")
     total = sum(p.numel() for p in params)
     ks = _checks.resolve_ks(k, len(grads), total)
+    device = params[0].device
+    if backends.select(backend, device).__name__ == "fsmtl_kernels.triton":
+        return _fused(params, grads, ks, backend, batched)
     fishers = [torch.zeros(len(grads), *p.shape, dtype=torch.float32, device=p.device) for p in params]
     for t, task_grads in enumerate(grads):
         try:
@@ -73,3 +77,22 @@ def _fisher_topk(params, grads, k, backend, *, batched: bool) -> PackedMask:
     if batched:
         return topk_mask_batched(fishers, ks, backend=backend)
     return topk_mask([f[0] for f in fishers], ks[0], backend=backend)
+
+
+def _fused(params, grads, ks, backend, batched: bool) -> PackedMask:
+    """The Triton path: every task's gradients checked first, then the Fisher accumulation with
+    the top-K's classifying pass inside it (:mod:`fsmtl_kernels.triton.fisher_topk`)."""
+    fishers = [torch.empty(len(grads), *p.shape, dtype=torch.float32, device=p.device) for p in params]
+    checked, per_sample = [], []
+    for t, task_grads in enumerate(grads):
+        try:
+            _f, items, _scale, mode = _check_fisher_args([f[t] for f in fishers], task_grads, 1.0)
+        except (TypeError, ValueError) as exc:
+            name = f"grads[{t}]" if batched else "grads"
+            raise type(exc)(f"{name}: {exc}") from None
+        checked.append(items)
+        per_sample.append(mode)
+    shapes = tuple(p.shape for p in params)
+    word_offsets, n_words = word_layout([p.numel() for p in params])
+    words = backends.select(backend, params[0].device).fisher_topk_forward(fishers, checked, per_sample, ks, n_words)
+    return PackedMask(words, shapes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from cases import raises_naming
 from oracle import topk_oracle
@@ -29,3 +30,63 @@ def test_rejects_and_names_task():
     raises_naming(ValueError, "k", lambda: fk.fisher_topk(params, good, 6))
     raises_naming(TypeError, "params[0]", lambda: fk.fisher_topk([torch.zeros(3, dtype=torch.long)], [good[0]], 1))
     raises_naming(TypeError, "grads", lambda: fk.fisher_topk_batched(params, [], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the top-K's classifying pass inside the Fisher accumulation (sampled path, interpreter)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fused(triton, monkeypatch):
+    """The Triton backend with the top-K's sampled path (and so the fused pass) from 64 entries."""
+    from fsmtl_kernels.triton import topk_mask as tk
+
+    monkeypatch.setattr(tk, "MIN_SAMPLED", 64)
+    monkeypatch.setattr(tk, "SAMPLE", 64)
+    monkeypatch.setattr(tk, "CAP_PAD", 16)
+    return triton
+
+
+def integer_grads(shapes, n, dtype, seed):
+    """Small integer gradients: their squares sum exactly in float32 in any order, so every backend
+    has the same Fisher bits (and many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    lead = (n,) if n is not None else ()
+    return [torch.randint(-3, 4, (*lead, *s), generator=gen).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_equals_reference(fused, dtype):
+    shapes = [(13, 7), (0,), (5,), (33,)]
+    params = [torch.zeros(s) for s in shapes]
+    # Per-sample, batch and zero-sample gradients, one task each.
+    grads = [integer_grads(shapes, n, dtype, seed) for seed, n in enumerate((4, None, 0))]
+    total = sum(p.numel() for p in params)
+    for k in ([0, total, 1], [60, 0.5, 17], [total - 1, 0.9, 2]):
+        got = fk.fisher_topk_batched(params, grads, k, backend=fused)
+        want = fk.fisher_topk_batched(params, grads, k, backend="reference")
+        assert torch.equal(got.words, want.words), f"k={k}"
+
+
+def test_fused_equals_accumulate_then_select(fused):
+    """Random gradients: the fused pass writes the same Fisher bits as the accumulation kernel."""
+    torch.manual_seed(4)
+    params = [torch.zeros(40, 3), torch.zeros(31)]
+    grads = [[torch.randn(5, *p.shape) for p in params], [torch.randn(*p.shape) for p in params]]
+    fishers = [torch.zeros(2, *p.shape) for p in params]
+    for t in range(2):
+        fk.fisher_accumulate([f[t] for f in fishers], grads[t], backend=fused)
+    for k in (1, 75, 150):
+        got = fk.fisher_topk_batched(params, grads, k, backend=fused)
+        assert torch.equal(got.words, fk.topk_mask_batched(fishers, k, backend="reference").words)
+
+
+def test_fused_rejects_before_writing_and_names_nan(fused):
+    params = [torch.zeros(50), torch.zeros(30)]
+    good = [torch.ones(50), torch.ones(30)]
+    short = [good, [torch.ones(50)]]
+    raises_naming(ValueError, "grads[1]", lambda: fk.fisher_topk_batched(params, short, 1, backend=fused))
+    bad = [torch.ones(2, 50), torch.ones(2, 30)]
+    bad[1][1, 7] = float("nan")
+    raises_naming(ValueError, "scores[1]", lambda: fk.fisher_topk(params, bad, 3, backend=fused))

@@ -18,6 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from . import _utils
 from .fisher_accumulate import _fisher_accumulate_kernel, fisher_accumulate_forward
+from .fisher_topk import fisher_topk_forward
 from .linear_fisher import linear_fisher_forward
 from .masked_accumulate import masked_accumulate_forward
 from .masked_grad_average import masked_grad_average_forward
@@ -36,7 +37,7 @@ LAUNCHERS = {
     "topk_mask": topk_mask_forward,
 }
 
-__all__ = ["LAUNCHERS", "is_interpreter", "unavailable_reason"]
+__all__ = ["LAUNCHERS", "fisher_topk_forward", "is_interpreter", "unavailable_reason"]
 
 
 def _kernels_interpreted() -> bool:

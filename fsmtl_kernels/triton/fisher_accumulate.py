@@ -39,13 +39,25 @@ def _fisher_accumulate_kernel(
         g_ptr = tl.multiple_of(g_ptr, 16)
         n = tl.multiple_of(n, 8)
     offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    accumulate_block(f_ptr, g_ptr, n, offs, offs < n, n_samples, scale, True, BLOCK)
+
+
+@triton.jit
+def accumulate_block(f_ptr, g_ptr, n, offs, mask, n_samples, scale, READ_F: tl.constexpr, BLOCK: tl.constexpr):
+    """``F[offs] = F[offs] + scale * sum_s g[s, offs]**2`` (``F`` read as 0 without ``READ_F``:
+    a fresh buffer), stored and returned; shared with the fused Fisher top-K so both give the
+    same bits."""
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(n_samples):
         g = tl.load(g_ptr + s * n + offs, mask=mask, other=0.0).to(tl.float32)
         acc += g * g
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0)
-    tl.store(f_ptr + offs, f + scale * acc, mask=mask)
+    if READ_F:
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0)
+    else:
+        f = tl.zeros([BLOCK], dtype=tl.float32)
+    f = f + scale * acc
+    tl.store(f_ptr + offs, f, mask=mask)
+    return f
 
 
 def fisher_accumulate_forward(fisher, grads, scale, per_sample) -> None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -225,58 +226,41 @@ def _sample_kernel(
 
 
 @triton.jit
-def _classify_kernel(
-    table_ptr,  # int64 [S, COLUMNS] segment table of this launch
-    state_ptr,  # int64 [T, NS]
-    sample_ptr,  # float32 [T, n_sample], sorted ascending
-    cand_key_ptr,  # int32 [T, cap_stride]: candidate keys (bits of the uint32 key)
-    cand_pos_ptr,  # int64 [T, cap_stride]: their positions
-    n_segments,
-    n_blocks,  # blocks of this launch
-    n_sample,
-    cap_stride,
-    total,  # P
-    programs_total,  # programs per task over every classify launch
-    LOG_SEGMENTS: tl.constexpr,
-    S_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
-):
-    """Counts keys ``> hi``, ``== hi``, ``== lo``, compacts the keys in ``(lo, hi)`` with their
-    positions, records NaN scores; the task's last program decides where its k-th key lies."""
-    pid = tl.program_id(0).to(tl.int64)
-    task = tl.program_id(1).to(tl.int64)
-    step = tl.num_programs(0).to(tl.int64)
-    st = state_ptr + task * NS
+def _bracket(st, sample_row):
+    """The task's bracket keys ``lo <= hi`` from its sorted sample (int64)."""
     lo_idx = tl.load(st + LO_IDX)
     hi_idx = tl.load(st + HI_IDX)
-    lo_x = tl.load(sample_ptr + task * n_sample + tl.maximum(lo_idx, 0))
-    hi_x = tl.load(sample_ptr + task * n_sample + tl.maximum(hi_idx, 0))
+    lo_x = tl.load(sample_row + tl.maximum(lo_idx, 0))
+    hi_x = tl.load(sample_row + tl.maximum(hi_idx, 0))
     lo = tl.where(lo_idx >= 0, _order_keys(lo_x).to(tl.int64), 0)
     hi = tl.where(hi_idx >= 0, _order_keys(hi_x).to(tl.int64), _key_max())
-    lo_apart = lo < hi
-    cap = tl.load(st + CAP)
-    n_gt = tl.zeros([BLOCK], dtype=tl.int32)
-    n_hi = tl.zeros([BLOCK], dtype=tl.int32)
-    n_lo = tl.zeros([BLOCK], dtype=tl.int32)
-    for i in range(tl.cdiv(n_blocks - pid, step)):
-        s_ptr, n, local, _w, _g, pos0 = _segment_block(
-            table_ptr, n_segments, pid + i * step, LOG_SEGMENTS, S_DTYPE, ALIGNED
-        )
-        key, mask, offs, x = _block_keys(s_ptr, n, local, task, BLOCK)
-        if tl.sum(((x != x) & mask).to(tl.int32), 0) > 0:
-            tl.atomic_min(st + NAN_POS, pos0 + local * BLOCK)
-        n_gt += ((key > hi) & mask).to(tl.int32)
-        n_hi += ((key == hi) & mask).to(tl.int32)
-        n_lo += ((key == lo) & lo_apart & mask).to(tl.int32)
-        inside = (key > lo) & (key < hi) & mask
-        count = tl.sum(inside.to(tl.int32), 0)
-        if count > 0:
-            base = tl.atomic_add(st + N_C, count.to(tl.int64))
-            slot = base + tl.cumsum(inside.to(tl.int64), 0) - 1
-            keep = inside & (slot < cap)
-            tl.store(cand_key_ptr + task * cap_stride + slot, key.to(tl.int32), mask=keep)
-            tl.store(cand_pos_ptr + task * cap_stride + slot, pos0 + offs, mask=keep)
+    return lo, hi
+
+
+@triton.jit
+def _classify_block(st, key, mask, x, pos, block_pos, lo, hi, cap, cand_key_row, cand_pos_row):
+    """One block of the classifying pass: records a NaN score (at the block's first position),
+    compacts the keys in ``(lo, hi)`` with their positions into the task's candidate rows, and
+    returns the block's indicators of keys ``> hi``, ``== hi`` and ``== lo`` (int32)."""
+    if tl.sum(((x != x) & mask).to(tl.int32), 0) > 0:
+        tl.atomic_min(st + NAN_POS, block_pos)
+    inside = (key > lo) & (key < hi) & mask
+    count = tl.sum(inside.to(tl.int32), 0)
+    if count > 0:
+        base = tl.atomic_add(st + N_C, count.to(tl.int64))
+        slot = base + (tl.cumsum(inside.to(tl.int32), 0) - 1).to(tl.int64)
+        keep = inside & (slot < cap)
+        tl.store(cand_key_row + slot, key.to(tl.int32), mask=keep)
+        tl.store(cand_pos_row + slot, pos, mask=keep)
+    above = ((key > hi) & mask).to(tl.int32)
+    at_hi = ((key == hi) & mask).to(tl.int32)
+    at_lo = ((key == lo) & (lo < hi) & mask).to(tl.int32)
+    return above, at_hi, at_lo
+
+
+@triton.jit
+def _classify_done(st, n_gt, n_hi, n_lo, lo, hi, cap, total, programs_total):
+    """Adds a program's counts; the task's last program decides where its k-th key lies."""
     tl.atomic_add(st + N_GT, tl.sum(n_gt.to(tl.int64), 0))
     tl.atomic_add(st + N_HI, tl.sum(n_hi.to(tl.int64), 0))
     tl.atomic_add(st + N_LO, tl.sum(n_lo.to(tl.int64), 0))
@@ -301,10 +285,10 @@ def _classify_kernel(
         elif (k > b) & (k <= c) & (n_c <= cap):
             # The candidates share every key bit above the highest bit where lo and hi differ.
             diff = lo ^ hi
-            top = 0
+            top = tl.zeros([], dtype=tl.int64)
             for bit in tl.static_range(32):
                 top = tl.where(((diff >> bit) & 1) != 0, bit, top)
-            rmask = (_key_max() << (top + 1).to(tl.int64)) & _key_max()
+            rmask = (_key_max() << (top + 1)) & _key_max()
             tl.store(st + ROUTE, 2)
             tl.store(st + SOURCE, 1)
             tl.store(st + PREFIX, hi & rmask)
@@ -320,6 +304,50 @@ def _classify_kernel(
 
 
 @triton.jit
+def _classify_kernel(
+    table_ptr,  # int64 [S, COLUMNS] segment table of this launch
+    state_ptr,  # int64 [T, NS]
+    sample_ptr,  # float32 [T, n_sample], sorted ascending
+    cand_key_ptr,  # int32 [T, cap_stride]: candidate keys (bits of the uint32 key)
+    cand_pos_ptr,  # int64 [T, cap_stride]: their positions
+    n_segments,
+    n_blocks,  # blocks of this launch
+    n_sample,
+    cap_stride,
+    total,  # P
+    programs_total,  # programs per task over every classify launch
+    LOG_SEGMENTS: tl.constexpr,
+    S_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Counts keys ``> hi``, ``== hi``, ``== lo``, compacts the keys in ``(lo, hi)`` with their
+    positions, records NaN scores; the task's last program decides where its k-th key lies."""
+    pid = tl.program_id(0).to(tl.int64)
+    task = tl.program_id(1).to(tl.int64)
+    step = tl.num_programs(0).to(tl.int64)
+    st = state_ptr + task * NS
+    lo, hi = _bracket(st, sample_ptr + task * n_sample)
+    cap = tl.load(st + CAP)
+    n_gt = tl.zeros([BLOCK], dtype=tl.int32)
+    n_hi = tl.zeros([BLOCK], dtype=tl.int32)
+    n_lo = tl.zeros([BLOCK], dtype=tl.int32)
+    for i in range(tl.cdiv(n_blocks - pid, step)):
+        s_ptr, n, local, _w, _g, pos0 = _segment_block(
+            table_ptr, n_segments, pid + i * step, LOG_SEGMENTS, S_DTYPE, ALIGNED
+        )
+        key, mask, offs, x = _block_keys(s_ptr, n, local, task, BLOCK)
+        above, at_hi, at_lo = _classify_block(
+            st, key, mask, x, pos0 + offs, pos0 + local * BLOCK, lo, hi, cap,
+            cand_key_ptr + task * cap_stride, cand_pos_ptr + task * cap_stride,
+        )  # fmt: skip
+        n_gt += above
+        n_hi += at_hi
+        n_lo += at_lo
+    _classify_done(st, n_gt, n_hi, n_lo, lo, hi, cap, total, programs_total)
+
+
+@triton.jit
 def _radix_pass_kernel(
     table_ptr,  # int64 [S, COLUMNS] segment table of this launch
     state_ptr,  # int64 [T, NS]
@@ -329,7 +357,7 @@ def _radix_pass_kernel(
     n_blocks,  # blocks of this launch
     cap_stride,
     programs_total,  # programs per task over every launch of this pass
-    TICKET: tl.constexpr,  # this pass's ticket column
+    ticket_col,  # this pass's column of program tickets in the state
     READ_CANDIDATES: tl.constexpr,  # this launch also reads the candidates (the first launch)
     LOG_SEGMENTS: tl.constexpr,
     S_DTYPE: tl.constexpr,
@@ -369,7 +397,7 @@ def _radix_pass_kernel(
                 digit = ((key >> shift) & (N_BINS - 1)).to(tl.int32)
                 hist += tl.histogram(digit, N_BINS, mask=mask & ((key & rmask) == prefix))
             tl.atomic_add(hist_ptr + task * N_BINS + bins, hist.to(tl.int64))
-    ticket = tl.atomic_add(st + TICKET, 1)
+    ticket = tl.atomic_add(st + ticket_col, 1)
     if (ticket == programs_total - 1) & (source != 0):
         h = tl.atomic_add(hist_ptr + task * N_BINS + bins, tl.zeros([N_BINS], dtype=tl.int64))
         k_rem = tl.load(st + KREM)
@@ -421,7 +449,7 @@ def _tie_gather_kernel(
             count = tl.sum(tie.to(tl.int32), 0)
             if count > 0:
                 base = tl.atomic_add(st + TIE_COUNT, count.to(tl.int64))
-                slot = base + tl.cumsum(tie.to(tl.int64), 0) - 1
+                slot = base + (tl.cumsum(tie.to(tl.int32), 0) - 1).to(tl.int64)
                 pos = tl.load(cand_pos_ptr + task * cap_stride + offs, mask=tie, other=0)
                 tl.store(tie_pos_ptr + task * TIE_CAP + slot, pos, mask=tie & (slot < TIE_CAP))
     ticket = tl.atomic_add(st + TICKETS + 1 + PASSES, 1)
@@ -553,143 +581,203 @@ def topk_mask_forward(scores, ks, word_offsets, n_words) -> torch.Tensor:
     return topk_select(scores, ks, word_offsets, n_words)[0]
 
 
-def topk_select(scores, ks, word_offsets, n_words) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`topk_mask_forward` and the final per-task state ``[T, NS]`` (None when there is
-    nothing to select): its ``ROUTE`` column says which path each task took."""
+@dataclass
+class Plan:
+    """One batched select: the launches over the scores, the uploaded per-task state and
+    histograms, the candidate buffers and the sample size (``sampled``: the bracket is used)."""
+
+    device: torch.device
+    num_tasks: int
+    numels: list[int]
+    total: int
+    pos_starts: list[int]
+    block: int
+    total_blocks: int
+    launches: list
+    sampled: bool
+    n_sample: int
+    state: torch.Tensor
+    hist: torch.Tensor
+    cand_keys: torch.Tensor
+    cand_pos: torch.Tensor
+    cap_stride: int
+
+
+def plan(scores, ks) -> Plan:
+    """The launches and zeroed work of one select over ``scores`` (``[T, *shape_i]`` contiguous,
+    ``P > 0``): one upload holds the per-task state and the histograms of every pass."""
     device = scores[0].device
     num_tasks = scores[0].shape[0]
     numels = [math.prod(s.shape[1:]) for s in scores]
     total = sum(numels)
-    if num_tasks == 0 or total == 0:
-        return torch.zeros(num_tasks, n_words, dtype=torch.int32, device=device), None
-    scores = [s.contiguous() for s in scores]
     sampled = total >= MIN_SAMPLED
-    if not sampled:
-        _checks.no_nan(scores, "scores")
     block = _utils.block_size("topk", max(numels))
     global_starts, total_blocks = _utils.block_starts(numels, block)
     pos_starts = [0]
     for n in numels[:-1]:
         pos_starts.append(pos_starts[-1] + n)
+    offsets = word_layout(numels)[0]
     segments = [
         _utils.Segment((s.data_ptr(),), n, (offset, first, start), (s.dtype,))
-        for s, n, offset, first, start in zip(scores, numels, word_offsets, global_starts, pos_starts, strict=True)
+        for s, n, offset, first, start in zip(scores, numels, offsets, global_starts, pos_starts, strict=True)
     ]
     launches = _utils.segment_launches(segments, block, device)
     m = min(SAMPLE, total)
     n_bins = N_BINS.value
-
-    # One upload holds the per-task state and the zeroed histograms of every pass.
     host = torch.zeros(num_tasks * (NS + PASSES * n_bins), dtype=torch.int64)
     rows = host[: num_tasks * NS].view(num_tasks, NS)
-    caps = []
+    caps = [0]
     for t, k in enumerate(ks):
         row = rows[t]
         row[K.value] = k
         row[NAN_POS.value] = NO_NAN
         if k == 0 or k == total:
             row[GT.value], row[EQ.value], row[LAST.value] = (KEY_MAX if k == 0 else -1), -2, -1
-            caps.append(0)
         elif sampled:
             row[LO_IDX.value], row[HI_IDX.value], row[CAP.value] = bracket(k, total, m)
             caps.append(int(row[CAP.value]))
         else:
             row[SOURCE.value], row[KREM.value], row[SHIFT.value] = FULL.value, k, 32 - BITS.value
     work = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-    state = work[: num_tasks * NS].view(num_tasks, NS)
-    hist = work[num_tasks * NS :].view(PASSES, num_tasks, n_bins)
+    cap_stride = max(caps)
+    return Plan(
+        device,
+        num_tasks,
+        numels,
+        total,
+        pos_starts,
+        block,
+        total_blocks,
+        launches,
+        sampled,
+        m,
+        work[: num_tasks * NS].view(num_tasks, NS),
+        work[num_tasks * NS :].view(PASSES, num_tasks, n_bins),
+        torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int32, device=device),
+        torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int64, device=device),
+        cap_stride,
+    )
 
-    def meta(launch):
-        return {"S_DTYPE": _utils.TL_DTYPES[launch.group[0]], **launch.meta}
 
-    cap_stride = max(caps, default=0)
-    cand_keys = torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int32, device=device)
-    cand_pos = torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int64, device=device)
-    if sampled:
-        sample = torch.empty(num_tasks, m, dtype=torch.float32, device=device)
-        stride = sample_stride(total)
-        for launch in launches:
-            _sample_kernel[(_utils.cdiv(m, SAMPLE_BLOCK.value), num_tasks)](
-                launch.table,
-                sample,
-                launch.n_segments,
-                m,
-                total,
-                stride,
-                LOG_SEGMENTS=launch.meta["LOG_SEGMENTS"],
-                S_DTYPE=_utils.TL_DTYPES[launch.group[0]],
-                BLOCK=SAMPLE_BLOCK,
-            )
-        sample = torch.sort(sample, dim=1).values
-        grids = [_utils.persistent_programs(device, launch.n_blocks) for launch in launches]
-        for launch, programs in zip(launches, grids, strict=True):
-            _classify_kernel[(programs, num_tasks)](
-                launch.table,
-                state,
-                sample,
-                cand_keys,
-                cand_pos,
-                launch.n_segments,
-                launch.n_blocks,
-                m,
-                cap_stride,
-                total,
-                sum(grids),
-                **meta(launch),
-            )
+def _meta(launch) -> dict:
+    return {"S_DTYPE": _utils.TL_DTYPES[launch.group[0]], **launch.meta}
 
+
+def classify_scores(p: Plan) -> None:
+    """Sample, sort and classify the scores of every task (the sampled path's first stage)."""
+    sample = torch.empty(p.num_tasks, p.n_sample, dtype=torch.float32, device=p.device)
+    stride = sample_stride(p.total)
+    for launch in p.launches:
+        _sample_kernel[(_utils.cdiv(p.n_sample, SAMPLE_BLOCK.value), p.num_tasks)](
+            launch.table,
+            sample,
+            launch.n_segments,
+            p.n_sample,
+            p.total,
+            stride,
+            LOG_SEGMENTS=launch.meta["LOG_SEGMENTS"],
+            S_DTYPE=_utils.TL_DTYPES[launch.group[0]],
+            BLOCK=SAMPLE_BLOCK,
+        )
+    sample = torch.sort(sample, dim=1).values
+    grids = [_utils.persistent_programs(p.device, launch.n_blocks) for launch in p.launches]
+    for launch, programs in zip(p.launches, grids, strict=True):
+        _classify_kernel[(programs, p.num_tasks)](
+            launch.table,
+            p.state,
+            sample,
+            p.cand_keys,
+            p.cand_pos,
+            launch.n_segments,
+            launch.n_blocks,
+            p.n_sample,
+            p.cap_stride,
+            p.total,
+            sum(grids),
+            **_meta(launch),
+        )
+
+
+def select_and_mask(p: Plan, n_words: int) -> torch.Tensor:
+    """The radix passes, the ties and the mask pass of a planned select (after the classifying
+    pass on the sampled path); raises on a NaN score the classifying pass found."""
     # Interpreted, one program strides over the candidates (most slots are unused).
-    cand_blocks = 1 if _utils.is_interpreter() else _utils.cdiv(cap_stride, block)
-    grids = [_utils.persistent_programs(device, launch.n_blocks) for launch in launches]
-    grids[0] = max(grids[0], _utils.persistent_programs(device, cand_blocks))
-    for p in range(PASSES):
-        for i, (launch, programs) in enumerate(zip(launches, grids, strict=True)):
-            _radix_pass_kernel[(programs, num_tasks)](
+    cand_blocks = 1 if _utils.is_interpreter() else _utils.cdiv(p.cap_stride, p.block)
+    grids = [_utils.persistent_programs(p.device, launch.n_blocks) for launch in p.launches]
+    grids[0] = max(grids[0], _utils.persistent_programs(p.device, cand_blocks))
+    for i in range(PASSES):
+        for j, (launch, programs) in enumerate(zip(p.launches, grids, strict=True)):
+            _radix_pass_kernel[(programs, p.num_tasks)](
                 launch.table,
-                state,
-                hist[p],
-                cand_keys,
+                p.state,
+                p.hist[i],
+                p.cand_keys,
                 launch.n_segments,
                 launch.n_blocks,
-                cap_stride,
+                p.cap_stride,
                 sum(grids),
-                TICKET=TICKETS.value + 1 + p,
-                READ_CANDIDATES=sampled and i == 0,
-                **meta(launch),
+                TICKETS.value + 1 + i,
+                READ_CANDIDATES=p.sampled and j == 0,
+                **_meta(launch),
             )
-    if sampled:
-        tie_pos = torch.empty(num_tasks, TIE_CAP.value, dtype=torch.int64, device=device)
-        programs = _utils.persistent_programs(device, cand_blocks)
-        _tie_gather_kernel[(programs, num_tasks)](state, cand_keys, cand_pos, tie_pos, cap_stride, BLOCK=block)
+    if p.sampled:
+        tie_pos = torch.empty(p.num_tasks, TIE_CAP.value, dtype=torch.int64, device=p.device)
+        programs = _utils.persistent_programs(p.device, cand_blocks)
+        _tie_gather_kernel[(programs, p.num_tasks)](
+            p.state, p.cand_keys, p.cand_pos, tie_pos, p.cap_stride, BLOCK=p.block
+        )
 
-    counts = torch.empty(num_tasks, total_blocks, dtype=torch.int32, device=device)
-    grids = [_utils.persistent_programs(device, launch.n_blocks) for launch in launches]
-    for launch, programs in zip(launches, grids, strict=True):
-        _tie_count_kernel[(programs, num_tasks)](
-            launch.table, state, counts, launch.n_segments, launch.n_blocks, total_blocks, **meta(launch)
+    counts = torch.empty(p.num_tasks, p.total_blocks, dtype=torch.int32, device=p.device)
+    grids = [_utils.persistent_programs(p.device, launch.n_blocks) for launch in p.launches]
+    for launch, programs in zip(p.launches, grids, strict=True):
+        _tie_count_kernel[(programs, p.num_tasks)](
+            launch.table, p.state, counts, launch.n_segments, launch.n_blocks, p.total_blocks, **_meta(launch)
         )
     tie_prefix = torch.cumsum(counts, dim=1, dtype=torch.int64)
-    # The mask pass writes every word of word_layout's layout; any other layout starts zeroed.
-    standard = list(word_offsets) == word_layout(numels)[0] and n_words == word_layout(numels)[1]
-    words = (torch.empty if standard else torch.zeros)(num_tasks, n_words, dtype=torch.int32, device=device)
-    for launch, programs in zip(launches, grids, strict=True):
-        _mask_write_kernel[(programs, num_tasks)](
+    words = torch.empty(p.num_tasks, n_words, dtype=torch.int32, device=p.device)
+    for launch, programs in zip(p.launches, grids, strict=True):
+        _mask_write_kernel[(programs, p.num_tasks)](
             launch.table,
-            state,
+            p.state,
             tie_prefix,
             words,
             launch.n_segments,
             launch.n_blocks,
-            total_blocks,
+            p.total_blocks,
             n_words,
-            **meta(launch),
+            **_meta(launch),
         )
-    if sampled:
-        nan_pos = int(state[:, NAN_POS.value].min())
+    if p.sampled:
+        nan_pos = int(p.state[:, NAN_POS.value].min())
         if nan_pos != NO_NAN:
-            i = bisect.bisect_right(pos_starts, nan_pos) - 1
+            i = bisect.bisect_right(p.pos_starts, nan_pos) - 1
             raise ValueError(f"scores[{i}] contains NaN; scores must be comparable numbers")
-    return words, state
+    return words
+
+
+def topk_select(scores, ks, word_offsets, n_words) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`topk_mask_forward` and the final per-task state ``[T, NS]`` (None when there is
+    nothing to select): its ``ROUTE`` column says which path each task took."""
+    device = scores[0].device
+    num_tasks = scores[0].shape[0]
+    numels = [math.prod(s.shape[1:]) for s in scores]
+    if num_tasks == 0 or sum(numels) == 0:
+        return torch.zeros(num_tasks, n_words, dtype=torch.int32, device=device), None
+    scores = [s.contiguous() for s in scores]
+    if list(word_offsets) != word_layout(numels)[0] or n_words != word_layout(numels)[1]:
+        # Another word layout (the op's schema allows one): select in the standard one, then move.
+        words = torch.zeros(num_tasks, n_words, dtype=torch.int32, device=device)
+        std, state = topk_select(scores, ks, *word_layout(numels))
+        for n, src, dst in zip(numels, word_layout(numels)[0], word_offsets, strict=True):
+            width = (n + 31) // 32
+            words[:, dst : dst + width] = std[:, src : src + width]
+        return words, state
+    p = plan(scores, ks)
+    if p.sampled:
+        classify_scores(p)
+    else:
+        _checks.no_nan(scores, "scores")
+    return select_and_mask(p, n_words), p.state
 
 
 # Opaque to torch.compile, as fisher_accumulate (data pointers in the segment table).
