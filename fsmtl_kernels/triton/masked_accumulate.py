@@ -27,11 +27,12 @@ def _masked_accumulate_kernel(
     ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     pid = tl.program_id(0).to(tl.int64)
-    g_ptr, a_ptr, n, offs, mask, word_off = _utils.pointer_pair_block(
+    g_ptr, a_ptr, n, offs, mask, words, word_mask, cols = _utils.pointer_pair_tile(
         table_ptr, n_segments, pid, LOG_SEGMENTS, G_DTYPE, A_DTYPE, BLOCK, ALIGNED
     )
-    w = tl.load(row_ptr + word_off + offs // 32, mask=mask, other=0)
-    bit = ((w >> (offs % 32).to(tl.int32)) & 1).to(A_DTYPE)
+    # A [BLOCK // 32, 32] tile: each row's mask word is loaded once, its bits taken by shifts.
+    w = tl.load(row_ptr + words, mask=word_mask, other=0)
+    bit = ((w >> cols) & 1).to(A_DTYPE)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(A_DTYPE)
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
     tl.store(a_ptr + offs, a + g * bit, mask=mask)

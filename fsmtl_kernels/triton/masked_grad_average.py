@@ -31,17 +31,15 @@ def _masked_grad_average_kernel(
     ALIGNED: tl.constexpr,  # pointers 16-byte aligned and sizes multiples of 8 (vector loads)
 ):
     pid = tl.program_id(0).to(tl.int64)
-    g_ptr, o_ptr, n, offs, mask, word_off = _utils.pointer_pair_block(
+    g_ptr, o_ptr, n, offs, mask, word_idx, word_mask, cols = _utils.pointer_pair_tile(
         table_ptr, n_segments, pid, LOG_SEGMENTS, G_DTYPE, O_DTYPE, BLOCK, ALIGNED
     )
-    word_idx = word_off + offs // 32
-    shift = (offs % 32).to(tl.int32)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    count = tl.zeros([BLOCK], dtype=tl.int32)
+    # A [BLOCK // 32, 32] tile: each row's mask word is loaded once per task, its bits by shifts.
+    acc = tl.zeros([BLOCK // 32, 32], dtype=tl.float32)
+    count = tl.zeros([BLOCK // 32, 32], dtype=tl.int32)
     for t in range(n_tasks):
-        # Each word is gathered by its 32 entries; they hit the same cache line.
-        w = tl.load(words_ptr + t * n_words + word_idx, mask=mask, other=0)
-        bit = (w >> shift) & 1
+        w = tl.load(words_ptr + t * n_words + word_idx, mask=word_mask, other=0)
+        bit = (w >> cols) & 1
         # Multiplying by the bit (as the reference's ``g * S`` does, inf * 0 included) rather than
         # masking the load keeps the load mask constant over 16-byte groups (vector loads).
         g = tl.load(g_ptr + t * n + offs, mask=mask, other=0.0).to(tl.float32)
