@@ -9,6 +9,13 @@ the first column of tiles also sum ``g**2`` over the samples for the bias. Bytes
 operands once per tile row/column plus a read and a write of the Fisher; it is compute-bound for
 ``N`` above a few hundred.
 
+On the GPU the products run on the tensor cores as three TF32 products (``tf32x3``: the operands
+split into a TF32 head and a TF32 tail, the tail-times-tail term dropped), about float32's
+accuracy: on an H100 the float32 FMA path (``ieee``, 64 x 64 tiles) took 4.4 ms at 4096^3 where
+cuBLAS's float32 GEMM on the squared operands took 2.9 ms. :data:`GPU_OPTIONS` holds the GPU
+settings (``benchmarks/gpu_bandwidth.py`` times the alternatives); their speed on a GPU has not
+been measured yet.
+
 Registered as the CUDA kernel of the one ``torch.ops.fsmtl.linear_fisher`` schema (an opaque op
 under ``torch.compile``, like the other three).
 """
@@ -20,6 +27,11 @@ import triton
 import triton.language as tl
 
 from . import _utils
+
+#: GPU settings: ``precision`` of ``tl.dot`` ("tf32x3" or "ieee"), ``steps`` of ``BLOCK_K`` samples
+#: summed in one dot accumulator before the compensated add, warps and pipeline stages. Under the
+#: interpreter: one step, 4 warps (the interpreter computes every precision in float32).
+GPU_OPTIONS = {"precision": "tf32x3", "steps": 4, "num_warps": 8, "num_stages": 3}
 
 
 @triton.jit
@@ -43,6 +55,8 @@ def _linear_fisher_kernel(
     BLOCK_M: tl.constexpr,  # rows of the tile (output features)
     BLOCK_N: tl.constexpr,  # columns of the tile (input features)
     BLOCK_K: tl.constexpr,  # samples per step
+    STEPS: tl.constexpr,  # steps summed in the dot's accumulator before the compensated add
+    PRECISION: tl.constexpr,  # tl.dot input precision
 ):
     """``WF[m, i] += scale * sum_n g[n, m]**2 * a[n, i]``; ``BF[m] += scale * sum_n g[n, m]**2``."""
     pid_m = tl.program_id(0)
@@ -54,27 +68,30 @@ def _linear_fisher_kernel(
     carry = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # Kahan compensation of acc
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + scale * 0.0
     bias_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, n_samples, BLOCK_K):
-        kk = k0 + rk
-        g_mask = (rm[:, None] < n_out) & (kk[None, :] < n_samples)
-        g = tl.load(g_ptr + rm[:, None] * stride_go + kk[None, :] * stride_gn, mask=g_mask, other=0.0)
-        g = g.to(tl.float32)
-        g = g * g
-        a_mask = (kk[:, None] < n_samples) & (rn[None, :] < n_in)
-        a = tl.load(a_ptr + kk[:, None] * stride_an + rn[None, :] * stride_ai, mask=a_mask, other=0.0)
-        a = a.to(tl.float32)
-        a = a * a
-        # Each chunk's dot starts from zero and is added with Kahan compensation, so the float32
-        # sum over n samples rounds like BLOCK_K terms, not n (a sequential sum of 1000 squares
-        # had 7x cuBLAS's error on an H100). The chunk's zero start is ``scale * 0``, not a
-        # constant: Triton folds ``dot(g, a, 0) + acc`` back into ``dot(g, a, acc)``.
-        chunk = tl.dot(g, a, zero, input_precision="ieee") - carry
+    for k0 in range(0, n_samples, BLOCK_K * STEPS):
+        # Each chunk of STEPS * BLOCK_K samples is summed from zero and added with Kahan
+        # compensation, so the float32 sum over n samples rounds like one chunk, not n terms (a
+        # sequential sum of 1000 squares had 7x cuBLAS's error on an H100). The chunk's zero start
+        # is ``scale * 0``, not a constant: Triton folds ``dot(g, a, 0) + acc`` into ``dot(g, a, acc)``.
+        chunk = zero
+        for step in tl.static_range(STEPS):
+            kk = k0 + step * BLOCK_K + rk
+            g_mask = (rm[:, None] < n_out) & (kk[None, :] < n_samples)
+            g = tl.load(g_ptr + rm[:, None] * stride_go + kk[None, :] * stride_gn, mask=g_mask, other=0.0)
+            g = g.to(tl.float32)
+            g = g * g
+            a_mask = (kk[:, None] < n_samples) & (rn[None, :] < n_in)
+            a = tl.load(a_ptr + kk[:, None] * stride_an + rn[None, :] * stride_ai, mask=a_mask, other=0.0)
+            a = a.to(tl.float32)
+            a = a * a
+            chunk = tl.dot(g, a, chunk, input_precision=PRECISION)
+            if HAS_BIAS:
+                bias_acc += tl.sum(g, axis=1)
+        chunk = chunk - carry
         total = acc + chunk
         carry = (total - acc) - chunk
         carry = tl.where(carry == carry, carry, 0.0)  # an inf sum stays inf, not NaN
         acc = total
-        if HAS_BIAS:
-            bias_acc += tl.sum(g, axis=1)
     w_mask = (rm[:, None] < n_out) & (rn[None, :] < n_in)
     w_ptrs = wf_ptr + rm[:, None] * stride_wo + rn[None, :] * stride_wi
     tl.store(w_ptrs, tl.load(w_ptrs, mask=w_mask, other=0.0) + scale * acc, mask=w_mask)
@@ -95,6 +112,10 @@ def linear_fisher_forward(grad_output, inputs, weight_fisher, bias_fisher, scale
             bias_fisher.add_(grad_output.float().square().sum(0), alpha=scale)
         return
     block_m, block_n, block_k = _utils.block_size("linear")
+    if _utils.is_interpreter():
+        options = {"precision": "ieee", "steps": 1, "num_warps": 4, "num_stages": 1}
+    else:
+        options = GPU_OPTIONS
     has_bias = bias_fisher is not None
     bias = bias_fisher if has_bias else weight_fisher
     grid = (_utils.cdiv(n_out, block_m), _utils.cdiv(n_in, block_n))
@@ -118,7 +139,10 @@ def linear_fisher_forward(grad_output, inputs, weight_fisher, bias_fisher, scale
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        STEPS=options["steps"],
+        PRECISION=options["precision"],
+        num_warps=options["num_warps"],
+        num_stages=options["num_stages"],
     )
 
 

@@ -105,7 +105,8 @@ def masked_matmul_accumulate_forward(acc, a, b, words, word_offset, first_task) 
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        num_warps=4,
+        # Two [BLOCK_M, BLOCK_N] tiles live per program (the sum and a task's product).
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
     )
 
 
