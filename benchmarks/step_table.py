@@ -1,5 +1,7 @@
 """One multi-task training step (forward + backward, no optimizer), peers side by side, for an MLP
-and a CNN trunk of >= 1M parameters at T = 2, 8, 40.
+and a CNN trunk of >= 1M parameters, and for transformer trunks (``--models encoder,gpt2``: a
+2-layer ``nn.TransformerEncoder`` and a GPT-2-shaped Hugging Face decoder, d = 128, 32 tokens; see
+:func:`transformer_trunk`) at T = 2, 8, 40.
 
 Columns: median ms per step over ``--repeats`` steps after one warm-up step, and the peak resident
 memory the step adds. Each (model, T, method) runs in a fresh process with glibc's mmap threshold
@@ -17,8 +19,8 @@ Methods:
   every method with exact per-task gradients pays); gradients dropped.
 * ``fsmtl-seq`` / ``fsmtl-batched`` / ``fsmtl-auto``: :func:`fsmtl.masked_multitask_backward`
   with the masks over the whole trunk, ``batched=False/True/"auto"``.
-* ``partial-top2``: masks over the top 2 of the trunk's 6 layers (dense layers below, one
-  backward through them via the boundary), ``batched="auto"``.
+* ``partial-top2``: masks over the top 2 of the trunk's 6 layers (the top block of a transformer;
+  dense layers below, one backward through them via the boundary), ``batched="auto"``.
 * ``mask-forward``: Eq. 3, each task's forward on ``S_t * theta`` followed by its backward,
   streamed into the masked sum (:class:`fsmtl.MaskedBackwardStream`), as the Trainer runs it.
 * ``mask-forward-loop``: its baseline, T separate forward/backward passes on ``S_t * theta``
@@ -58,11 +60,49 @@ METHODS = (
 KEEP = 0.3
 
 
+SEQ_LEN, VOCAB, WIDTH = 32, 1000, 128
+
+
+def transformer_trunk(model_name: str):
+    """``encoder``: ``nn.Embedding`` + 2 ``nn.TransformerEncoderLayer`` (d 128, 4 heads, feed-forward
+    512, batch_first, dropout 0), mean over positions; ``gpt2``: Hugging Face ``GPT2Model`` built
+    from its config (2 layers, d 128, 4 heads, vocabulary 1000), last position's features. The top
+    block of each is what ``partial-top2`` masks."""
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(VOCAB, WIDTH)
+            layer = nn.TransformerEncoderLayer(WIDTH, 4, 4 * WIDTH, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+        def forward(self, tokens):
+            return self.enc(self.emb(tokens)).mean(1)
+
+    if model_name == "encoder":
+        return Encoder(), ["enc.layers.1"]
+    import transformers
+
+    from fsmtl.models import HFTrunk
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=SEQ_LEN, bos_token_id=0, eos_token_id=0
+    )
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(config, key, 0.0)
+    return HFTrunk(transformers.GPT2Model(config), pooling="last"), ["model.h.1"]
+
+
 def build(model_name: str, num_tasks: int, masked_modules=None):
     from torch import nn
 
     import fsmtl
 
+    if model_name in ("encoder", "gpt2"):
+        trunk, top = transformer_trunk(model_name)
+        heads = [nn.Linear(WIDTH, 1) for _ in range(num_tasks)]
+        return fsmtl.MultiTaskModel(trunk, heads, masked_modules=top if masked_modules == "top2" else None)
     if model_name == "mlp":
         width = 512
         layers = [nn.Linear(256, width), nn.ReLU()]
@@ -89,7 +129,12 @@ def inputs(model_name: str, batch: int, num_tasks: int, device):
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 256, generator=gen) if model_name == "mlp" else torch.randn(batch, 3, 32, 32, generator=gen)
+    if model_name in ("encoder", "gpt2"):
+        x = torch.randint(0, VOCAB, (batch, SEQ_LEN), generator=gen)
+    elif model_name == "mlp":
+        x = torch.randn(batch, 256, generator=gen)
+    else:
+        x = torch.randn(batch, 3, 32, 32, generator=gen)
     ys = [torch.randint(0, 2, (batch, 1), generator=gen).float().to(device) for _ in range(num_tasks)]
     return x.to(device), ys
 
@@ -151,7 +196,8 @@ def make_step(method: str, model_name: str, num_tasks: int, batch: int, device="
         strategy = fsmtl.RandomSparse(KEEP, mask_forward=True)
         from fsmtl.strategies import TrainingContext
 
-        strategy.context = TrainingContext(model, [fsmtl.Task(f"t{t}", "binary", 1) for t in range(num_tasks)], None, None)
+        tasks = [fsmtl.Task(f"t{t}", "binary", 1) for t in range(num_tasks)]
+        strategy.context = TrainingContext(model, tasks, None, None)
         strategy.set_mask(mask)
         masks = [strategy.forward_mask(t) for t in range(num_tasks)]
 
