@@ -4,16 +4,21 @@ For each kernel: median time, bytes it must move, achieved GB/s, the ratio to a 
 copy of the same number of bytes (``dst.copy_(src)``, measured here), and the speed-up over the
 peers a user would otherwise run: the eager PyTorch loop (the reference backend) and, for top-K,
 ``torch.topk`` / ``torch.kthvalue`` on the concatenated scores. Top-K is also reported as a
-multiple of one read of the scores (``torch.amax`` over a flat buffer of the same size).
+multiple of one read of the scores (``torch.amax`` over a flat buffer of the same size) and with
+the path the select took (``route``). ``linear_fisher`` is timed against cuBLAS's float32 GEMM on
+the squared operands, with both errors against a float64 product, for the default GPU settings
+and the alternatives in :data:`LINEAR_CONFIGS`.
 
 Usage (on a machine with a CUDA GPU)::
 
     python benchmarks/gpu_bandwidth.py                    # P = 1e7 and 1e8, writes gpu_bandwidth.json
     python benchmarks/gpu_bandwidth.py --sizes 1e7 --json out.json
+    python benchmarks/gpu_bandwidth.py --check --json out.json  # what benchmarks/gpu_check.sh runs
 
-Targets: Fisher accumulation and masked average >= 80% of copy bandwidth for
-P >= 1e7; top-K threshold + mask >= 5x faster than ``torch.topk`` on the concatenated scores at
-P = 1e8 (k = 10%, 50%, 90%) and within 3x of one read of the scores.
+Goals (benchmarks/gpu_check.py reads them from the JSON): at P = 1e8 the top-K mask at most
+0.4 ms and at least 8x ``torch.topk`` at k = 10/50/90% (fp16/bf16 no slower than fp32); Fisher
+accumulation, masked average and ``masked_accumulate`` at least 85% of copy bandwidth (fp32 and
+bf16); ``linear_fisher`` no slower than cuBLAS on the squared operands at the same accuracy.
 
 Without a CUDA device it prints ``no CUDA device; nothing to measure`` and exits with status 0.
 """
@@ -26,17 +31,29 @@ import json
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+#: Timing mode, set by main: CUDA events, or wall time for ``--device cpu`` (a run that only
+#: exercises this script, with Triton under its interpreter).
+CUDA = True
+WARMUP = 3
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` in milliseconds, timed with CUDA events around each call."""
-    for _ in range(warmup):
+
+def median_ms(fn, repeats: int, warmup: int | None = None) -> float:
+    """Median time of ``fn`` in milliseconds, timed with CUDA events around each call."""
+    for _ in range(WARMUP if warmup is None else min(warmup, WARMUP)):
         fn()
-    torch.cuda.synchronize()
     times = []
+    if not CUDA:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+        return statistics.median(times)
+    torch.cuda.synchronize()
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -45,6 +62,14 @@ def median_ms(fn, repeats: int, warmup: int = 3) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def op(name: str, device):
+    """The Triton kernel of ``torch.ops.fsmtl.<name>`` for ``device`` tensors: the registered op on
+    CUDA, the launcher itself on CPU under the interpreter (schema arguments either way)."""
+    from fsmtl_kernels import backends
+
+    return backends.kernel(name, "triton", device)
 
 
 def split_sizes(total: int) -> list[int]:
@@ -80,13 +105,22 @@ def row(name: str, p: int, ms: float, n_bytes: int | None, peers: dict[str, floa
     return out
 
 
+#: ``linear_fisher`` settings timed beside the default: (label, tile sizes, GPU options).
+LINEAR_CONFIGS = [
+    ("ieee-64x64x32", (64, 64, 32), {"precision": "ieee", "steps": 1, "num_warps": 4, "num_stages": 2}),
+    ("tf32x3-64x64x32", (64, 64, 32), {"precision": "tf32x3", "steps": 4, "num_warps": 4, "num_stages": 3}),
+    ("tf32x3-128x128x32", (128, 128, 32), {"precision": "tf32x3", "steps": 2, "num_warps": 8, "num_stages": 3}),
+]
+
+
 def bench_fisher_accumulate(p: int, device, repeats: int, dtype: torch.dtype) -> dict:
     from fsmtl_kernels import reference
 
     sizes = split_sizes(p)
     grads = [torch.randn(n, device=device, dtype=dtype) for n in sizes]
     fisher = [torch.zeros(n, device=device) for n in sizes]
-    ms = median_ms(lambda: torch.ops.fsmtl.fisher_accumulate(fisher, grads, 1.0, False), repeats)
+    run = op("fisher_accumulate", device)
+    ms = median_ms(lambda: run(fisher, grads, 1.0, False), repeats)
     eager = median_ms(lambda: reference.fisher_accumulate(fisher, grads, 1.0, False), repeats)
     n_bytes = p * (torch.finfo(dtype).bits // 8) + 8 * p  # read g, read + write F
     return row(f"fisher_accumulate[{str(dtype)[6:]}]", p, ms, n_bytes, {"eager_loop": eager}, device, repeats)
@@ -100,9 +134,8 @@ def bench_masked_grad_average(p: int, tasks: int, device, repeats: int, dtype: t
     grads = [torch.randn(tasks, n, device=device, dtype=dtype) for n in sizes]
     mask = fk.PackedMask.from_bool_stacked([torch.rand(tasks, n, device=device) < 0.3 for n in sizes])
     out = [torch.empty(n, device=device, dtype=dtype) for n in sizes]
-    ms = median_ms(
-        lambda: torch.ops.fsmtl.masked_grad_average(grads, mask.words, mask.word_offsets, "tasks", out), repeats
-    )
+    run = op("masked_grad_average", device)
+    ms = median_ms(lambda: run(grads, mask.words, mask.word_offsets, "tasks", out), repeats)
     eager = median_ms(lambda: reference.masked_grad_average(grads, mask.to_bool_stacked(), "tasks", out), repeats)
     item = torch.finfo(dtype).bits // 8
     n_bytes = tasks * p * item + tasks * mask.words.shape[1] * 4 + p * item
@@ -110,40 +143,124 @@ def bench_masked_grad_average(p: int, tasks: int, device, repeats: int, dtype: t
     return row(name, p, ms, n_bytes, {"eager_loop": eager}, device, repeats)
 
 
-def bench_topk_mask(p: int, ratio: float, device, repeats: int) -> dict:
+def bench_masked_accumulate(p: int, device, repeats: int, dtype: torch.dtype) -> dict:
+    import fsmtl_kernels as fk
+    from fsmtl_kernels import reference
+
+    sizes = split_sizes(p)
+    grads = [torch.randn(n, device=device, dtype=dtype) for n in sizes]
+    mask = fk.PackedMask.from_bool_stacked([torch.rand(2, n, device=device) < 0.3 for n in sizes])
+    acc = [torch.zeros(n, device=device) for n in sizes]
+    run = op("masked_accumulate", device)
+    ms = median_ms(lambda: run(acc, grads, mask.words, mask.word_offsets, 1), repeats)
+    eager = median_ms(lambda: reference.masked_accumulate(acc, grads, mask.words, mask.word_offsets, 1), repeats)
+    item = torch.finfo(dtype).bits // 8
+    n_bytes = p * item + mask.words.shape[1] * 4 + 8 * p  # read g and one mask row, read + write acc
+    return row(f"masked_accumulate[{str(dtype)[6:]}]", p, ms, n_bytes, {"eager_loop": eager}, device, repeats)
+
+
+def bench_topk_mask(p: int, ratio: float, device, repeats: int, dtype=torch.float32, slow_peers=True) -> dict:
+    import fsmtl_kernels as fk
     from fsmtl_kernels import reference
     from fsmtl_kernels.packed_mask import word_layout
+    from fsmtl_kernels.triton import topk_mask as tk
 
     sizes = split_sizes(p)
     layout = word_layout(sizes)
-    scores = [torch.rand(1, n, device=device) for n in sizes]
+    scores = [torch.rand(1, n, device=device).to(dtype) for n in sizes]
     k = int(ratio * p + 0.5)
-    ms = median_ms(lambda: torch.ops.fsmtl.topk_mask(scores, [k], *layout), max(3, repeats // 2))
+    # The public function (its checks and host work included) and the registered op alone.
+    ms = median_ms(lambda: fk.topk_mask_batched(scores, [k], backend="triton"), max(3, repeats // 2))
+    run = op("topk_mask", device)
+    op_ms = median_ms(lambda: run(scores, [k], *layout), max(3, repeats // 2))
     flat = torch.cat([s.reshape(-1) for s in scores])
     one_read = median_ms(lambda: torch.amax(flat), repeats)
-    peers = {
-        "torch_topk_cat": median_ms(lambda: torch.topk(torch.cat([s.reshape(-1) for s in scores]), k), 3, warmup=1),
-        "torch_kthvalue_cat": median_ms(
-            lambda: torch.kthvalue(torch.cat([s.reshape(-1) for s in scores]), p - k + 1), 3, warmup=1
-        ),
-        "eager_loop": median_ms(lambda: reference.topk_mask(scores, [k], *layout), 3, warmup=1),
-    }
-    out = row(f"topk_mask[k={ratio:.0%}]", p, ms, None, peers, device, repeats)
+    peers = {"torch_topk_cat": median_ms(lambda: torch.topk(torch.cat([s.reshape(-1) for s in scores]), k), 3, 1)}
+    if slow_peers:
+        peers["torch_kthvalue_cat"] = median_ms(
+            lambda: torch.kthvalue(torch.cat([s.reshape(-1).float() for s in scores]), p - k + 1), 3, warmup=1
+        )
+        peers["eager_loop"] = median_ms(lambda: reference.topk_mask([s.float() for s in scores], [k], *layout), 3, 1)
+    name = f"topk_mask[k={ratio:.0%}]" if dtype == torch.float32 else f"topk_mask[k={ratio:.0%},{str(dtype)[6:]}]"
+    out = row(name, p, ms, None, peers, device, repeats)
+    out["op_ms"] = round(op_ms, 4)
     out["one_read_ms"] = round(one_read, 4)
     out["ratio_to_one_read"] = round(ms / one_read, 2)
+    out["route"] = int(tk.topk_select(scores, [k], *layout)[1][0, tk.ROUTE.value])
     return out
 
 
-def bench_linear_fisher(device, repeats: int, n: int = 4096, n_out: int = 4096, n_in: int = 4096) -> dict:
+def bench_fisher_topk(p: int, ratio: float, device, repeats: int) -> dict:
+    """``fisher_topk`` (the top-K's classifying pass inside the accumulation) against the Fisher
+    accumulation followed by the top-K, one task with batch gradients."""
+    import fsmtl_kernels as fk
+
+    sizes = split_sizes(p)
+    params = [torch.empty(n, device=device) for n in sizes]
+    grads = [torch.randn(n, device=device) for n in sizes]
+
+    def unfused():
+        fisher = fk.fisher_accumulate([torch.zeros(n, device=device) for n in sizes], grads, backend="triton")
+        return fk.topk_mask(fisher, ratio, backend="triton")
+
+    ms = median_ms(lambda: fk.fisher_topk(params, grads, ratio, backend="triton"), max(3, repeats // 2))
+    peers = {"accumulate_then_topk": median_ms(unfused, max(3, repeats // 2))}
+    return row(f"fisher_topk[k={ratio:.0%}]", p, ms, None, peers, device, repeats)
+
+
+def bench_linear_fisher(device, repeats: int, n: int = 4096, n_out: int = 4096, n_in: int = 4096) -> list[dict]:
+    """The default settings and :data:`LINEAR_CONFIGS` against cuBLAS's float32 GEMM on the squared
+    operands (``torch.addmm``, TF32 off) and the eager path (squares, then the GEMM); errors are the
+    largest absolute difference to a float64 product, relative to its largest entry."""
     from fsmtl_kernels import reference
+    from fsmtl_kernels.triton import _utils
+    from fsmtl_kernels.triton import linear_fisher as lf
 
+    if CUDA:
+        torch.backends.cuda.matmul.allow_tf32 = False
     g, a = torch.randn(n, n_out, device=device), torch.randn(n, n_in, device=device)
+    g2, a2 = g.square(), a.square()
+    exact = g2.double().t() @ a2.double()
+    scale = exact.abs().max().item()
     wf, bf = torch.zeros(n_out, n_in, device=device), torch.zeros(n_out, device=device)
-    ms = median_ms(lambda: torch.ops.fsmtl.linear_fisher(g, a, wf, bf, 1.0), repeats)
+    cublas_ms = median_ms(lambda: torch.addmm(wf, g2.t(), a2), repeats)
     eager = median_ms(lambda: reference.linear_fisher(g, a, wf, bf, 1.0), repeats)
-    out = row(f"linear_fisher[{n}x{n_out}x{n_in}]", n_out * n_in, ms, None, {"eager_loop": eager}, device, repeats)
-    out["tflops"] = round(2 * n * n_out * n_in / ms / 1e9, 2)
-    return out
+    cublas_err = ((torch.addmm(wf, g2.t(), a2).double() - exact).abs().max().item()) / scale
+    rows = []
+    run = op("linear_fisher", device)
+    default = (_utils.GPU_BLOCKS["linear"], dict(lf.GPU_OPTIONS))
+    for label, blocks, options in [("default", *default), *LINEAR_CONFIGS]:
+        name = f"linear_fisher[{n}x{n_out}x{n_in}]" + ("" if label == "default" else f"[{label}]")
+        _utils.GPU_BLOCKS["linear"], lf.GPU_OPTIONS = blocks, options
+        try:
+            ms = median_ms(lambda: run(g, a, wf, bf, 1.0), repeats)
+            out_w = torch.zeros(n_out, n_in, device=device)
+            run(g, a, out_w, None, 1.0)
+            err = (out_w.double() - exact).abs().max().item() / scale
+        except Exception as exc:  # a setting that does not compile here is reported, not fatal
+            rows.append({"kernel": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        finally:
+            _utils.GPU_BLOCKS["linear"], lf.GPU_OPTIONS = default[0], dict(default[1])
+        out = row(name, n_out * n_in, ms, None, {"cublas_squared": cublas_ms, "eager_loop": eager}, device, repeats)
+        out.update(tflops=round(2 * n * n_out * n_in / ms / 1e9, 2), rel_error=err, cublas_rel_error=cublas_err)
+        out["settings"] = {"blocks": list(blocks), **options}
+        rows.append(out)
+    return rows
+
+
+def guarded(fn, *args, **kwargs) -> list[dict]:
+    """``fn``'s row(s); a kernel that fails is one row naming the error (the others still run)."""
+    name = kwargs.pop("name")
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as exc:
+        print(f"{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return [{"kernel": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
+    finally:
+        if CUDA:
+            torch.cuda.empty_cache()
+    return out if isinstance(out, list) else [out]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,9 +278,30 @@ def main(argv: list[str] | None = None) -> int:
         "e.g. average=4096 fisher=4096",
     )
     parser.add_argument("--only", nargs="*", default=[], help="kernels to measure (default: all)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="the device check's preset: P = 1e8, 10 repeats, without the slow peers (kthvalue, eager top-K)",
+    )
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="score/gradient dtypes to measure")
+    parser.add_argument("--ratios", default="0.1,0.5,0.9", help="top-K keep ratios")
+    parser.add_argument("--linear-size", type=int, default=4096, help="N = out = in of the linear_fisher GEMM")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: run every measurement on CPU tensors (set TRITON_INTERPRET=1), to check this script",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        args.sizes, args.repeats = [1e8], min(args.repeats, 10)
+    global CUDA, WARMUP
+    CUDA, WARMUP = args.device == "cuda", args.warmup
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    ratios = [float(r) for r in args.ratios.split(",")]
 
-    if not torch.cuda.is_available():
+    if CUDA and not torch.cuda.is_available():
         print("no CUDA device; nothing to measure")
         return 0
     try:
@@ -171,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"the Triton backend cannot be imported ({exc}); install triton to measure it")
         return 1
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
     reason = tb.unavailable_reason(device)
     if reason is not None:
         print(f"the Triton backend cannot run here: {reason}")
@@ -192,28 +330,37 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for p in (int(s) for s in args.sizes):
-        if wanted("fisher_accumulate"):
-            rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float32))
-            rows.append(bench_fisher_accumulate(p, device, args.repeats, torch.float16))
-        if wanted("masked_grad_average"):
-            rows.append(bench_masked_grad_average(p, args.tasks, device, args.repeats, torch.float32))
-        for ratio in (0.1, 0.5, 0.9) if wanted("topk_mask") else ():
-            rows.append(bench_topk_mask(p, ratio, device, args.repeats))
-        torch.cuda.empty_cache()
+        for dtype in dtypes if wanted("fisher_accumulate") else ():
+            rows += guarded(bench_fisher_accumulate, p, device, args.repeats, dtype, name=f"fisher_accumulate[{dtype}]")
+        for dtype in [d for d in dtypes if d != torch.float16] if wanted("masked_grad_average") else ():
+            name = f"masked_grad_average[{dtype}]"
+            rows += guarded(bench_masked_grad_average, p, args.tasks, device, args.repeats, dtype, name=name)
+        for dtype in [d for d in dtypes if d != torch.float16] if wanted("masked_accumulate") else ():
+            rows += guarded(bench_masked_accumulate, p, device, args.repeats, dtype, name=f"masked_accumulate[{dtype}]")
+        for dtype in dtypes if wanted("topk_mask") else ():
+            for ratio in ratios:
+                rows += guarded(
+                    bench_topk_mask, p, ratio, device, args.repeats, dtype, slow_peers=not args.check,
+                    name=f"topk_mask[k={ratio:.0%},{dtype}]",
+                )  # fmt: skip
+        if wanted("fisher_topk"):
+            rows += guarded(bench_fisher_topk, p, 0.5, device, args.repeats, name="fisher_topk")
     if wanted("linear_fisher"):
-        rows.append(bench_linear_fisher(device, args.repeats))
+        n = args.linear_size
+        rows += guarded(bench_linear_fisher, device, args.repeats, n, n, n, name="linear_fisher")
 
     keys = ["kernel", "P", "ms", "gbps", "copy_gbps", "ratio_to_copy", "ratio_to_one_read"]
-    print(
-        f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"blocks {_utils.GPU_BLOCKS}"
-    )
+    name = torch.cuda.get_device_name(device) if CUDA else "cpu (Triton interpreted: checks this script only)"
+    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, blocks {_utils.GPU_BLOCKS}")
     print(" | ".join(f"{k:>14}" for k in keys) + " | speed-ups")
     for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:>14} | error: {r['error']}")
+            continue
         speedups = ", ".join(f"{k[11:]}: {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
         print(" | ".join(f"{str(r.get(k, '')):>14}" for k in keys) + f" | {speedups}")
     result = {
-        "device": torch.cuda.get_device_name(device),
+        "device": name,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
@@ -223,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
-    return 0
+    return 1 if any("error" in r for r in rows) else 0
 
 
 if __name__ == "__main__":
