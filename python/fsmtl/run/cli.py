@@ -425,9 +425,15 @@ def main(argv=None) -> int:
         if args.command == "benchmarks":
             return benchmarks_command()
         if args.command == "study":
+            from .outputs import Locks
             from .study import load_spec, run_study
 
-            run_study(load_spec(args.spec), args.out, log=lambda line: print(line, flush=True))
+            spec = load_spec(args.spec)
+            args.out.mkdir(parents=True, exist_ok=True)
+            with Locks() as held, warnings.catch_warnings():
+                warnings.formatwarning = _one_line_warning
+                held.lock(args.out, "--out", "fsmtl study")  # one study per folder: its cells are shared
+                run_study(spec, args.out, log=lambda line: print(line, flush=True))
             print(f"wrote {args.out}/report.md, study.json and figures")
             return 0
         if args.command == "info":

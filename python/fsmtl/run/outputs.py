@@ -5,10 +5,10 @@
   (:mod:`fsmtl.engine.checkpoint`), ``results.json`` last: a directory holding ``results.json``
   holds the complete results; a kill at any moment leaves earlier outputs and never a torn file.
 * **One run per directory.** :class:`DirectoryLock` holds an exclusive lock on ``--out`` and on
-  ``--checkpoint-dir`` for the whole run (``flock`` of ``DIR/.fsmtl.lock``, which records the
-  owner's pid): a second run stops before training, naming the first one's pid. The kernel drops
-  the lock when its process dies, ``kill -9`` included, so the lock of a dead process is taken over,
-  with a warning naming it.
+  ``--checkpoint-dir`` for the whole run (``fsmtl study``: on its ``--out``) with ``flock`` of
+  ``DIR/.fsmtl.lock``, which records the owner's pid: a second run stops before training, naming
+  the first one's pid. The kernel drops the lock when its process dies, ``kill -9`` included, so
+  the lock of a dead process is taken over, with a warning naming it.
 * **Write failures.** An ``OSError`` while writing names the file (its ``filename``);
   :func:`keep_finished` then saves the finished runs where it can (``--out``, the checkpoint
   directory, or the system's temporary directory) and says where.
@@ -112,10 +112,10 @@ class Locks:
     def __init__(self) -> None:
         self.held: dict[Path, DirectoryLock] = {}
 
-    def lock(self, directory: Path, flag: str) -> None:
+    def lock(self, directory: Path, flag: str, command: str = "fsmtl run") -> None:
         key = Path(directory).resolve()
         if key not in self.held:
-            self.held[key] = DirectoryLock(directory, flag).acquire()
+            self.held[key] = DirectoryLock(directory, flag, command).acquire()
 
     def release(self) -> None:
         for lock in reversed(list(self.held.values())):
