@@ -220,3 +220,18 @@ def test_free_space_below_what_the_run_writes_is_warned_before_training(tmp_path
     with pytest.warns(UserWarning, match=r"--out .* and --checkpoint-dir .*: 0\.0 MB free, but this run writes up"):
         assert main([*ARGS, "--epochs", "1", "--methods", "mtl", "--out", str(tmp_path / "o"),
                      "--checkpoint-dir", str(tmp_path / "c")]) == 0  # fmt: skip
+
+
+def test_a_study_on_a_folder_in_use_stops_at_once(tmp_path, capsys):
+    """``fsmtl study`` locks its --out too: its cells are shared between invocations."""
+    from fsmtl.run.outputs import DirectoryLock
+
+    spec = tmp_path / "spec.json"
+    grid = [{"benchmark": "synthetic", "methods": ["mtl"], "keep_ratios": [0.5]}]
+    spec.write_text(json.dumps({"name": "x", "seeds": [0], "select_seeds": [100], "settings": {"epochs": 1}, "grid": grid}))
+    out = tmp_path / "study"
+    out.mkdir()
+    with DirectoryLock(out, "--out", "fsmtl study"):
+        assert main(["study", str(spec), "--out", str(out)]) == 2
+    assert one_error(capsys) == f"fsmtl: error: --out {out} is in use by fsmtl study (pid {os.getpid()})"
+    assert not (out / "cells").exists()  # stopped before any cell
