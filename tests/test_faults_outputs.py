@@ -228,7 +228,7 @@ def test_a_study_on_a_folder_in_use_stops_at_once(tmp_path, capsys):
 
     spec = tmp_path / "spec.json"
     grid = [{"benchmark": "synthetic", "methods": ["mtl"], "keep_ratios": [0.5]}]
-    spec.write_text(json.dumps({"name": "x", "seeds": [0], "select_seeds": [100], "settings": {"epochs": 1}, "grid": grid}))
+    spec.write_text(json.dumps({"name": "x", "seeds": [0], "select_seeds": [100], "settings": {}, "grid": grid}))
     out = tmp_path / "study"
     out.mkdir()
     with DirectoryLock(out, "--out", "fsmtl study"):
