@@ -112,7 +112,9 @@ def _lengths(data, homogeneous: bool, global_batch: int | None) -> list[tuple[in
         if isinstance(d, DataLoader):
             if d.batch_size is None or d.drop_last or not is_map_dataset(d.dataset):
                 return None
-            out.append((len(d.dataset), d.batch_size))
+            # The sampler's length: a DistributedSampler draws this rank's share of the dataset.
+            n = len(d.sampler) if hasattr(d.sampler, "__len__") else len(d.dataset)
+            out.append((n, d.batch_size))
         elif is_map_dataset(d) and global_batch is not None:
             out.append((len(d), global_batch))
         else:
