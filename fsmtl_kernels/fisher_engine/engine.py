@@ -628,6 +628,12 @@ class _Run:
 
         vmapped = self._plan_vmap(sorted(set(fallback_params)), losses, stops)
         graph_params = [i for i in sorted(set(fallback_params)) if not any(i in ids for _, ids in vmapped)]
+        # The other modules' recorded inputs and outputs are not needed: let autograd free them.
+        self.module_calls = {mc.module: mc for mc, _ in vmapped}
+        for call in self.calls:
+            if call.mode != "sample" or not (call.bufs or call.keep):
+                if call.mode != "broadcast":
+                    call.drop()
 
         inputs: list[torch.Tensor] = []
         for call in valid:
