@@ -95,7 +95,14 @@ def kernel(op: str, backend: str, device: torch.device) -> Callable:
 
 #: The ops whose every backend takes the arguments of the schema (``masked_grad_average``'s
 #: reference takes unpacked masks instead, so it has no unchecked kernel).
-UNCHECKED_OPS = ("fisher_accumulate", "linear_fisher", "masked_accumulate", "masked_matmul_accumulate", "topk_mask")
+UNCHECKED_OPS = (
+    "fisher_accumulate",
+    "linear_fisher",
+    "masked_accumulate",
+    "masked_accumulate_tasks",
+    "masked_matmul_accumulate",
+    "topk_mask",
+)
 
 
 def unchecked_kernel(op: str, device: torch.device | str, backend: str = "auto") -> Callable:

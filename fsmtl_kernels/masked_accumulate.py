@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _checks, backends
+from . import _checks, backends, reference
 from .packed_mask import PackedMask
 
 #: dtypes of the running sums: a sum of T terms, so never below float32.
@@ -30,6 +30,21 @@ torch.library.define(
 
 @torch.library.register_fake("fsmtl::masked_accumulate")
 def _(acc, grads, words, word_offsets, task):
+    return None
+
+
+# k tasks in one call: grads[i] is [k, *shape_i], row j task first_task + j (a chunk of tasks from one
+# batched backward). No public function: the masked backward calls it through
+# fsmtl_kernels.unchecked_kernel. Its CPU kernel is the reference (k masked_accumulate calls).
+torch.library.define(
+    "fsmtl::masked_accumulate_tasks",
+    "(Tensor(a!)[] acc, Tensor[] grads, Tensor words, int[] word_offsets, int first_task) -> ()",
+)
+torch.library.register_kernel("fsmtl::masked_accumulate_tasks", "cpu", reference.masked_accumulate_tasks)
+
+
+@torch.library.register_fake("fsmtl::masked_accumulate_tasks")
+def _(acc, grads, words, word_offsets, first_task):
     return None
 
 

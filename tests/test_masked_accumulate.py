@@ -136,6 +136,44 @@ def test_opcheck(cpp):
 
 
 # ---------------------------------------------------------------------------------------------
+# masked_accumulate_tasks: a chunk of k tasks in one call, the bits of k single-task calls
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_tasks_equal_single_calls(device, backend, acc_dtype, grad_dtype, shapes=SHAPES, first=1, k=3):
+    mask, _, grads = make_case(num_tasks=first + k + 1, seed=9, shapes=shapes)
+    mask = mask.to(device)
+    start = [torch.randn(s, generator=torch.Generator().manual_seed(10)).to(acc_dtype).to(device) for s in shapes]
+    chunk = [g[first : first + k].to(grad_dtype).to(device) for g in grads]
+    ours, ref = [a.clone() for a in start], [a.clone() for a in start]
+    fk.unchecked_kernel("masked_accumulate_tasks", device, backend)(ours, chunk, mask.words, mask.word_offsets, first)
+    for j in range(k):
+        fk.masked_accumulate(ref, [c[j] for c in chunk], mask, first + j, backend="reference")
+    for o, r in zip(ours, ref, strict=True):
+        assert torch.equal(o, r)
+
+
+@pytest.mark.parametrize(("acc_dtype", "grad_dtype"), [(torch.float32, torch.bfloat16), (torch.float64, torch.float32)])
+def test_tasks_equal_one_call_per_task(backend, acc_dtype, grad_dtype):
+    assert_tasks_equal_single_calls("cpu", backend, acc_dtype, grad_dtype)
+
+
+def test_tasks_cross_blocks_and_take_no_task(triton, blocks):
+    assert_tasks_equal_single_calls("cpu", triton, torch.float32, torch.float32, shapes=[(300,), (7,), (65,)], k=2)
+    acc = [torch.ones(5)]
+    run = fk.unchecked_kernel("masked_accumulate_tasks", "cpu", triton)
+    run(acc, [torch.ones(0, 5)], torch.ones(1, 1, dtype=torch.int32), [0], 0)
+    assert acc[0].tolist() == [1.0] * 5
+
+
+def test_tasks_opcheck(cpp):
+    mask, _, grads = make_case(num_tasks=3, seed=6, shapes=[(7,), (33,)])
+    acc = [torch.zeros(7), torch.zeros(33)]
+    args = (acc, [g[1:] for g in grads], mask.words, mask.word_offsets, 1)
+    torch.library.opcheck(torch.ops.fsmtl.masked_accumulate_tasks.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
 # Triton on a CUDA GPU
 # ---------------------------------------------------------------------------------------------
 
@@ -182,3 +220,11 @@ def test_gpu_opcheck(cuda):
     acc = [torch.zeros(7, device=cuda), torch.zeros(33, device=cuda)]
     rows = [g[0].to(cuda) for g in grads]
     torch.library.opcheck(torch.ops.fsmtl.masked_accumulate.default, (acc, rows, mask.words, mask.word_offsets, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+@pytest.mark.parametrize(("acc_dtype", "grad_dtype"), [(torch.float32, torch.bfloat16), (torch.float32, torch.float32)])
+def test_gpu_tasks_equal_one_call_per_task(cuda, acc_dtype, grad_dtype, blocks):
+    shapes = [*SHAPES, (4097,), (3, 2049)]
+    assert_tasks_equal_single_calls(cuda, "triton", acc_dtype, grad_dtype, shapes=shapes, k=4)

@@ -22,3 +22,13 @@ def masked_accumulate(
             continue
         bits = unpack_bits(words[task : task + 1, offset : offset + -(-n // BITS)], n).reshape(a.shape)
         a.add_(g.to(a.dtype) * bits)
+
+
+def masked_accumulate_tasks(
+    acc: list[torch.Tensor], grads: list[torch.Tensor], words: torch.Tensor, word_offsets: list[int], first_task: int
+) -> None:
+    """k tasks at once: ``grads[i]`` is ``[k, *shape_i]``, row ``j`` task ``first_task + j``'s
+    gradient; the same as :func:`masked_accumulate` for each row in turn (the same roundings)."""
+    k = grads[0].shape[0] if grads else 0
+    for j in range(k):
+        masked_accumulate(acc, [g[j] for g in grads], words, word_offsets, first_task + j)

@@ -20,7 +20,7 @@ from . import _utils
 from .fisher_accumulate import _fisher_accumulate_kernel, fisher_accumulate_forward
 from .fisher_topk import fisher_topk_forward
 from .linear_fisher import linear_fisher_forward
-from .masked_accumulate import masked_accumulate_forward
+from .masked_accumulate import masked_accumulate_forward, masked_accumulate_tasks_forward
 from .masked_grad_average import masked_grad_average_forward
 from .masked_matmul_accumulate import masked_matmul_accumulate_forward
 from .topk_mask import topk_mask_forward
@@ -32,6 +32,7 @@ LAUNCHERS = {
     "fisher_accumulate": fisher_accumulate_forward,
     "linear_fisher": linear_fisher_forward,
     "masked_accumulate": masked_accumulate_forward,
+    "masked_accumulate_tasks": masked_accumulate_tasks_forward,
     "masked_grad_average": masked_grad_average_forward,
     "masked_matmul_accumulate": masked_matmul_accumulate_forward,
     "topk_mask": topk_mask_forward,
