@@ -102,6 +102,14 @@ def test_failed_molecules_are_left_out_and_named(cache):
         load_benchmark("qm9", n_train=42, n_val=5, n_test=5, source=FIXTURE, cache_dir=cache)
 
 
+def test_a_subset_of_targets(bench, cache):
+    two = load_benchmark("qm9", n_train=30, n_val=8, n_test=10, source=FIXTURE, cache_dir=cache, targets="U0,mu")
+    assert [t.name for t in two.tasks] == ["U0", "mu"]
+    assert torch.equal(two.train.targets[0], bench.train.targets[6]) and two.tasks[1] == bench.tasks[0]
+    with pytest.raises(ValueError, match="targets must be distinct names"):
+        load_benchmark("qm9", source=FIXTURE, cache_dir=cache, targets="mu,gap")
+
+
 def test_split_is_seeded(bench, cache):
     again = load_benchmark("qm9", n_train=30, n_val=8, n_test=10, source=FIXTURE, cache_dir=cache)
     other = load_benchmark("qm9", seed=1, n_train=30, n_val=8, n_test=10, source=FIXTURE, cache_dir=cache)

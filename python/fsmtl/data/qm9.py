@@ -464,11 +464,12 @@ def pack_molecules(data: Featurised, rows: Sequence[int]) -> torch.Tensor:
 def qm9(
     *,
     seed: int = 0,
-    n_train: int = 2000,
-    n_val: int = 500,
-    n_test: int = 1000,
+    n_train: int = 500,
+    n_val: int = 250,
+    n_test: int = 500,
     source: str | None = None,
     cache_dir: str | None = None,
+    targets: str | Sequence[str] | None = None,
 ) -> Benchmark:
     """QM9's 11 regression targets over one molecule (homogeneous), Nash-MTL's setting.
 
@@ -477,6 +478,8 @@ def qm9(
         n_train, n_val, n_test: split sizes (the published protocol: 110000, 10000, 10000).
         source: a directory of CSV files in qm9pack's layout (default: the installed ``qm9pack``).
         cache_dir: where the featurisation is cached (default :func:`default_cache_dir`).
+        targets: a subset of :data:`TARGET_NAMES` (a list or comma-separated text) as the tasks,
+            in that order (default: all 11).
 
     Returns:
         a :class:`Benchmark` named ``qm9`` with inputs ``[n, 29, 43]`` (see the module docstring),
@@ -485,6 +488,12 @@ def qm9(
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    names = list(TARGET_NAMES) if targets is None else targets
+    names = [n for n in names.split(",") if n] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in TARGET_NAMES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"targets must be distinct names of {list(TARGET_NAMES)}, got {names}")
+    keep = [TARGET_NAMES.index(n) for n in names]
     paths, fingerprint = source_files(source)
     path = cache_path(fingerprint, cache_dir)
     known = load_cache(path, fingerprint)
@@ -511,22 +520,23 @@ def qm9(
     test_rows, val_rows, train_rows = chosen[:n_test], chosen[n_test : n_test + n_val], chosen[n_test + n_val :]
     position = {int(r): m for m, r in enumerate(known.rows.tolist())}
 
-    def targets(rows: Sequence[int]) -> np.ndarray:
+    def values(rows: Sequence[int]) -> np.ndarray:
         return known.targets[[position[r] for r in rows]]
 
-    y_train = targets(train_rows)
+    y_train = values(train_rows)
     mean = y_train.mean(axis=0)
     std = y_train.std(axis=0, ddof=0) if len(train_rows) > 1 else np.ones(len(TARGETS))
     std = np.where(std > 0, std, 1.0)
     tasks = [
-        QM9Task(t.name, "regression", 1, scale=float(std[k] * t.to_published), unit=t.published_unit)
-        for k, t in enumerate(TARGETS)
-    ]
+        QM9Task(TARGETS[k].name, "regression", 1, scale=float(std[k] * TARGETS[k].to_published),
+                unit=TARGETS[k].published_unit)
+        for k in keep
+    ]  # fmt: skip
 
     def split(rows: Sequence[int]) -> Split:
         x = pack_molecules(known, rows)
-        y = torch.from_numpy(((targets(rows) - mean) / std).astype(np.float32))
-        return Split(inputs=[x] * len(TARGETS), targets=[y[:, k].contiguous() for k in range(len(TARGETS))])
+        y = torch.from_numpy(((values(rows) - mean) / std).astype(np.float32))
+        return Split(inputs=[x] * len(keep), targets=[y[:, k].contiguous() for k in keep])
 
     described = f"{source or 'the qm9pack package'} ({len(paths)} CSV files)"
     return Benchmark(

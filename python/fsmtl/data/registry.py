@@ -84,7 +84,7 @@ BENCHMARKS: dict[str, BenchmarkEntry] = {
         qm9,
         "homogeneous, QM9's 11 regression targets (mu, alpha, homo, lumo, r2, zpve, U0, U, H, G, cv) per molecule, "
         "read from the qm9pack package (pip install -e '.[qm9]'), Nash-MTL's MPNN; options: n_train, n_val, n_test, "
-        "source, cache_dir",
+        "source (a folder of CSV files in qm9pack's layout), cache_dir, targets (comma-separated subset)",
         # Sized for 2 CPU cores: `fsmtl run --benchmark qm9 --methods stl,mtl,rs,fs` within 30 minutes.
         run_defaults=QM9_CPU_SETTINGS,
     ),

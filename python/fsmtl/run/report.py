@@ -60,7 +60,30 @@ def format_table(results: dict) -> str:
         f"{len(results['config']['seeds'])} seeds (^ higher is better, v lower)"
     )
     notes = [f"warning: {w}" for w in results.get("warnings", [])]
-    return "\n".join([title, *lines, *paired_lines(results), *notes])
+    return "\n".join([title, *lines, *unit_lines(results), *paired_lines(results), *notes])
+
+
+def unit_lines(results: dict) -> list[str]:
+    """For tasks that record their scale (QM9): the per-target test MAE in published units, Delta M%
+    and mean rank (:mod:`fsmtl.run.units`); empty otherwise."""
+    from .units import format_unit_table, published_reference, task_scales, unit_summary
+
+    tasks = results["benchmark"]["tasks"]
+    scales = task_scales(tasks)
+    if scales is None:
+        return []
+    runs = {m: r["test_per_seed_per_task"] for m, r in results["methods"].items()}
+    ranked = [m for m in runs if not _single_task(m)]
+    summary = unit_summary(
+        runs, scales, reference="stl" if "stl" in runs else None, published=published_reference(results), ranked=ranked
+    )
+    labels = {m: method_label(m) for m in runs}
+    return [
+        "",
+        "test MAE per target in published units (mean ± std over seeds); ΔM%: mean relative MAE change against STL "
+        "(lower is better); mean rank over the targets (STL not ranked)",
+        *format_unit_table(summary, tasks, labels),
+    ]
 
 
 def _std(value) -> str:
@@ -76,20 +99,42 @@ def paired_lines(results: dict) -> list[str]:
     from .stats import format_p
 
     seeds = ",".join(map(str, protocol["seeds"]))
+    holm = holm_adjusted(results)
     lines = [
         "",
         f"std: sample std (ddof=1) over the reported seeds {seeds}; keep ratios chosen on validation with "
         f"seeds {','.join(map(str, protocol['select_seeds']))}",
-        "paired tests of the per-seed score (mean primary metric over tasks), two-sided: p of t-test / Wilcoxon",
+        "paired tests of the per-seed score (mean primary metric over tasks), two-sided: p of t-test / Wilcoxon, "
+        f"then [Holm-corrected over the {len(holm)} distinct comparisons of this table]",
     ]
     for method, r in results["methods"].items():
         cells = []
         for key, test in r.get("paired", {}).items():
             wins = f"{test['wins']}/{test['n']} seeds better"
-            cells.append(f"{key.replace('_', ' ')}: {format_p(test['ttest'])} / {format_p(test['wilcoxon'])} ({wins})")
+            adjusted = holm.get(frozenset((method, key.removeprefix("vs_"))), {})
+            cells.append(
+                f"{key.replace('_', ' ')}: {format_p(test['ttest'])} / {format_p(test['wilcoxon'])} "
+                f"[{format_p(adjusted.get('ttest'), 'p_holm')} / {format_p(adjusted.get('wilcoxon'), 'p_holm')}] "
+                f"({wins})"
+            )
         if cells:
             lines.append(f"  {method_label(method)}: " + "; ".join(cells))
     return lines
+
+
+def holm_adjusted(results: dict) -> dict[frozenset, dict]:
+    """The paired tests of ``results`` as one family (A vs B and B vs A counted once), each with
+    its Holm-corrected p-values (:func:`fsmtl.run.stats.holm_family`), by the pair of methods."""
+    import copy
+
+    from .stats import holm_family
+
+    family: dict[frozenset, dict] = {}
+    for method, r in results["methods"].items():
+        for key, test in r.get("paired", {}).items():
+            family.setdefault(frozenset((method, key.removeprefix("vs_"))), copy.deepcopy(test))
+    holm_family(list(family.values()))
+    return family
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -198,6 +243,7 @@ def plot_figures(results: dict, out_dir: Path) -> list[Path]:
         fig.tight_layout()
         paths.append(_save(fig, out_dir / f"overlap_{m}.png"))
     paths += plot_keep_ratio_curves(results, out_dir)
+    paths += plot_unit_errors(results, out_dir)
     return paths
 
 
@@ -241,6 +287,46 @@ def plot_keep_ratio_curves(results: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return [_save(fig, out_dir / "keep_ratio_curve.png")]
+
+
+def plot_unit_errors(results: dict, out_dir: Path) -> list[Path]:
+    """For tasks that record their scale (QM9): each method's test MAE per target relative to STL's
+    (or to the first method's without STL), mean over seeds, on a log axis; none otherwise."""
+    from .units import published_mae, task_scales
+
+    scales = task_scales(results["benchmark"]["tasks"])
+    if scales is None:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = [t["name"] for t in results["benchmark"]["tasks"]]
+    methods = list(results["methods"])
+    maes = {
+        m: np.mean([published_mae(run, scales) for run in r["test_per_seed_per_task"]], axis=0)
+        for m, r in results["methods"].items()
+    }
+    reference = "stl" if "stl" in maes else methods[0]
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(tasks) * len(methods)), 4))
+    width = 0.8 / len(methods)
+    x = np.arange(len(tasks))
+    for i, m in enumerate(methods):
+        ax.bar(x + i * width, maes[m] / maes[reference], width, label=method_label(m))
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x + width * (len(methods) - 1) / 2, tasks, rotation=30, ha="right")
+    ax.set_ylabel(f"test MAE / {method_label(reference)}'s (lower is better)")
+    ax.set_title(
+        f"{results['benchmark']['name']}: test MAE per target relative to {method_label(reference)}, "
+        f"mean over {len(results['config']['seeds'])} seed(s)",
+        fontsize="medium",
+    )
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return [_save(fig, out_dir / "relative_mae.png")]
 
 
 def _save(fig, path: Path) -> Path:

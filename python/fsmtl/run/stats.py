@@ -3,7 +3,9 @@
 Every method is trained on the same reported seeds, so two methods' scores on one seed form a
 pair; :func:`paired_tests` compares them with the paired t-test and the Wilcoxon signed-rank test
 (both two-sided, :mod:`scipy.stats`). Cases where a test is undefined give ``None`` with the reason
-instead of a number scipy would return with a warning (NaN) or a misleading p-value.
+instead of a number scipy would return with a warning (NaN) or a misleading p-value. A report that
+makes several comparisons also gives their p-values with Holm's correction over the family
+(:func:`holm`, :func:`holm_family`).
 """
 
 from __future__ import annotations
@@ -64,9 +66,33 @@ def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict:
     return out
 
 
-def format_p(test: dict | None) -> str:
-    """``0.012`` / ``<0.001`` / ``n/a`` for one test of :func:`paired_tests`."""
-    if test is None or test.get("p") is None:
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values, in their order: sorted
+    ascending, the i-th smallest (0-based) of the m defined ones becomes ``max_{j <= i} min(1,
+    (m - j) p_(j))``, which controls the family-wise error rate at any level without assuming
+    independence. ``None`` (an undefined test) stays None and is not counted in m."""
+    defined = sorted((float(p), i) for i, p in enumerate(pvalues) if p is not None)
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(defined):
+        running = max(running, min(1.0, (len(defined) - rank) * p))
+        out[i] = running
+    return out
+
+
+def holm_family(tests: Sequence[dict]) -> None:
+    """Adds ``p_holm`` to the t-test and to the Wilcoxon test of every :func:`paired_tests` result
+    in ``tests`` (one family: the comparisons one table reports), each test kind adjusted on its own."""
+    for kind in ("ttest", "wilcoxon"):
+        adjusted = holm([t[kind]["p"] for t in tests])
+        for t, p in zip(tests, adjusted):
+            t[kind]["p_holm"] = p
+
+
+def format_p(test: dict | None, key: str = "p") -> str:
+    """``0.012`` / ``<0.001`` / ``n/a`` for one test of :func:`paired_tests` (``key="p_holm"``:
+    its Holm-adjusted p-value, see :func:`holm_family`)."""
+    if test is None or test.get(key) is None:
         return "n/a"
-    p = test["p"]
+    p = test[key]
     return "<0.001" if p < 0.001 else f"{p:.3f}"

@@ -49,7 +49,8 @@ from ..tasks.metrics import METRIC_DIRECTION
 from .experiment import ExperimentConfig, train_once
 from .protocol import check_seed_split, run_protocol, score_record
 from .report import method_label
-from .stats import format_p, paired_tests, sample_std
+from .stats import format_p, holm_family, paired_tests, sample_std
+from .units import format_unit_table
 
 CONFIG_FIELDS = {f.name for f in fields(ExperimentConfig)}
 GRID_KEYS = CONFIG_FIELDS | {"curve"}
@@ -251,6 +252,7 @@ def _summarize_setting(setting: dict, bench, methods: dict) -> dict:
                     "against": ref_key,
                     **paired_tests(row["scores"], rows[ref_key]["scores"]),
                 }
+    _holm_over_rows(rows)
     return {
         "label": setting["label"],
         "config": setting["config"],
@@ -260,7 +262,37 @@ def _summarize_setting(setting: dict, bench, methods: dict) -> dict:
         "higher_is_better": higher,
         "methods": {m: {"chosen": v["chosen"], "val_scores": v["val_scores"]} for m, v in methods.items()},
         "rows": rows,
+        **_unit_columns(bench, methods),
     }
+
+
+def _holm_over_rows(rows: dict) -> None:
+    """Holm-corrected p-values (``p_holm``) over the setting's distinct comparisons (row A against
+    reference B and row B against A are one comparison), added to every paired test."""
+    family: dict[frozenset, list[dict]] = {}
+    for key, row in rows.items():
+        for test in row["paired"].values():
+            family.setdefault(frozenset((key, test["against"])), []).append(test)
+    holm_family([tests[0] for tests in family.values()])
+    for tests in family.values():
+        for test in tests[1:]:
+            for kind in ("ttest", "wilcoxon"):
+                test[kind]["p_holm"] = tests[0][kind]["p_holm"]
+
+
+def _unit_columns(bench, methods: dict) -> dict:
+    """For tasks that record their scale (QM9): per method at its chosen keep ratio, the test MAE
+    per target in published units, Delta M% against STL and the mean rank (:mod:`fsmtl.run.units`)."""
+    from .units import task_scales, unit_summary
+
+    tasks = [asdict(t) for t in bench.tasks]
+    scales = task_scales(tasks)
+    if scales is None:
+        return {}
+    runs = {m: [r["test_per_task"] for r in v["reported"][v["chosen"]]] for m, v in methods.items()}
+    ranked = [m for m in runs if not get_method(m).single_task]
+    summary = unit_summary(runs, scales, reference="stl" if "stl" in runs else None, ranked=ranked)
+    return {"units": summary, "task_units": [t.get("unit", "") for t in tasks]}
 
 
 def shown_task(record: dict, t: int, bench) -> float:
@@ -281,6 +313,7 @@ def format_report(study: dict, figures: dict) -> str:
         f"(mean validation score), test scores reported on seeds {seeds}; mean +- sample std (ddof=1) over the "
         "reported seeds; paired two-sided tests over the reported seeds of the per-seed score (mean primary metric "
         "over tasks): p of the t-test / p of the Wilcoxon signed-rank test, and the seeds on which the row is better. "
+        "In brackets: the same p-values with Holm's correction over the setting's distinct comparisons. "
         "`n/a`: the test is undefined (reason in study.json). Rows marked `*` use the keep ratio chosen on "
         "validation; unmarked rows are fixed keep ratios (compared with the reference at the same keep ratio).",
         "",
@@ -308,10 +341,21 @@ def format_report(study: dict, figures: dict) -> str:
                     cells.append("")
                     continue
                 diff = test["mean_diff"] if s["higher_is_better"] or s["metric"] == "score" else -test["mean_diff"]
+                holm = f"[{format_p(test['ttest'], 'p_holm')} / {format_p(test['wilcoxon'], 'p_holm')}]"
                 cells.append(f"{diff:+.4f}, {test['wins']}/{test['n']}, "
-                             f"{format_p(test['ttest'])} / {format_p(test['wilcoxon'])}")  # fmt: skip
+                             f"{format_p(test['ttest'])} / {format_p(test['wilcoxon'])} {holm}")  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if s.get("units"):
+            tasks = [{"name": n, "unit": u} for n, u in zip(s["tasks"], s["task_units"])]
+            lines += [
+                "Test MAE per target in published units (mean ± std over the reported seeds), ΔM% against our STL "
+                "(mean relative MAE change over the targets, per seed; lower is better), mean rank over the targets "
+                "(STL not ranked):",
+                "",
+                *format_unit_table(s["units"], tasks, {m: method_label(m) for m in s["units"]}),
+                "",
+            ]
         for name in figures.get(i, []):
             lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)
