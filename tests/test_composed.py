@@ -86,16 +86,18 @@ def expected_update(weighting, strategy, model, x, ys, gradnorm_weights):
         return (lam[:, None] * g).sum(0), (2 * lam).tolist()
     if weighting == "mgda-ub":
         alpha = w.last_weights
-        # The min-norm point of the two representation gradients, in closed form: both tasks'
+        # The min-norm point of the two representation gradients in closed form, each divided by its
+        # loss times its norm first (the authors' "loss+" normalisation, the default): both tasks'
         # losses through their own trunk outputs z_t (gradient 0 w.r.t. the other task's z).
         zs = []
         hook = model.trunk.register_forward_hook(lambda m, i, o: zs.append(o))
         outs = [task_loss(task, model(x, t), ys[t]) for t, task in enumerate(TASKS)]
         hook.remove()
         v = torch.stack([flat(torch.autograd.grad(loss, zs, materialize_grads=True)) for loss in outs])
+        v = v / (v.norm(dim=1) * torch.stack([loss.detach() for loss in outs]))[:, None]
         a1 = ((v[1] - v[0]) @ v[1] / (v[0] - v[1]).square().sum()).clamp(0, 1)
         torch.testing.assert_close(alpha, torch.stack([a1, 1 - a1]), atol=5e-3, rtol=0)
-        return (alpha[:, None] * g).sum(0), [1.0, 1.0]
+        return (alpha[:, None] * g).sum(0), alpha.tolist()  # heads weighted by a_t, as the authors' code
     spec = AGGREGATORS[weighting]
     import torchjd.aggregation as agg
 
