@@ -86,6 +86,7 @@ def test_registry():
         "digits-dkl",
         "synthetic",
         "shapes",
+        "qm9",
         "dkl-mnist",
         "celeba",
         "celeba-groups",
