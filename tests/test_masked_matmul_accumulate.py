@@ -203,3 +203,94 @@ def test_gpu_matches_float64_oracle(cuda, dtype):
     ref = start.to(dtype)
     fk.masked_matmul_accumulate(ref, a, b, mask, PARAM, 1, backend="reference")
     assert_within_torch_error(acc, ref, exact, "triton on GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked step's CUDA paths: fused Linear weights, chunks of tasks by one launch per kernel
+# ---------------------------------------------------------------------------------------------
+
+STEP_TASKS = 3
+
+
+def mlp_step(device, seed=0):
+    """A float64 MLP of three Linear layers with STEP_TASKS heads, a mask, and its losses."""
+    from torch import nn
+
+    import fsmtl
+
+    torch.manual_seed(seed)
+    trunk = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+    model = fsmtl.MultiTaskModel(trunk, [nn.Linear(8, 1) for _ in range(STEP_TASKS)]).double().to(device)
+    mask = PackedMask.from_bool_stacked([torch.rand(STEP_TASKS, *p.shape) < 0.5 for p in model.masked_parameters()])
+    x = torch.randn(10, 6, dtype=torch.float64, device=device)
+    ys = [torch.randn(10, 1, dtype=torch.float64, device=device) for _ in range(STEP_TASKS)]
+
+    def losses(record=None):
+        features = model.features(x, record=record)
+        return [((h(features) - y) ** 2).mean() for h, y in zip(model.heads, ys)]
+
+    return model, mask.to(device), losses
+
+
+def masked_reference(model, mask, losses) -> list[torch.Tensor]:
+    """Eq. 4 for the masked parameters from one autograd.grad per task."""
+    params = model.masked_parameters()
+    out = [torch.zeros_like(p) for p in params]
+    bools = mask.to_bool_stacked()
+    for t, loss in enumerate(losses()):
+        for o, g, b in zip(out, torch.autograd.grad(loss, params, retain_graph=True), bools):
+            o.add_(g * b[t])
+    return [o / STEP_TASKS for o in out]
+
+
+def run_step(model, mask, losses, batched, backend="auto"):
+    import fsmtl
+    from fsmtl.gradients import ForwardRecord
+
+    model.zero_grad(set_to_none=True)
+    record = ForwardRecord()
+    step_losses = losses(record)
+    return fsmtl.masked_multitask_backward(
+        step_losses,
+        model.masked_parameters(),
+        mask,
+        dense_params=model.dense_shared_parameters(),
+        head_params=model.head_parameters(),
+        batched=batched,
+        record=record,
+        backend=backend,
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 2, STEP_TASKS])
+def test_chunked_batched_step_with_fused_linears(triton, monkeypatch, chunk):
+    """The batched mode as CUDA runs it (one batched backward per chunk stopped at the Linear
+    outputs, one launch per kernel and chunk), here on CPU tensors with Triton interpreted."""
+    import fsmtl.gradients.backward as backward
+
+    monkeypatch.setattr(backward, "_chunked_launches", lambda device: True)
+    monkeypatch.setattr(backward, "task_chunk", lambda numels, num_tasks: chunk)
+    model, mask, losses = mlp_step("cpu")
+    want = masked_reference(model, mask, losses)
+    path = run_step(model, mask, losses, batched=True, backend=triton)
+    assert path.batched and path.task_chunk == chunk and path.fused == (0, 2, 4)  # the three weights
+    for p, w in zip(model.masked_parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+@pytest.mark.parametrize("batched", [False, True])
+def test_gpu_step_fuses_linears_without_host_sync(cuda, batched):
+    model, mask, losses = mlp_step(cuda)
+    want = masked_reference(model, mask, losses)
+    run_step(model, mask, losses, batched)  # first call: compiles and uploads the tables
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        path = run_step(model, mask, losses, batched)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert path.fused == (0, 2, 4) and path.batched == batched
+    for p, w in zip(model.masked_parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-10, atol=1e-12)

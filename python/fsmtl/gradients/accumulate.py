@@ -1,6 +1,6 @@
 """The running sums of one masked backward and how task gradients reach them: :class:`Sums`
 (one ``add`` per task), :class:`Stream` (T backward passes streamed into the sums, with
-per-parameter hooks and the fused Linear weight gradient on CPU), and :func:`write_grads`, which
+per-parameter hooks on CPU and the fused Linear weight gradient), and :func:`write_grads`, which
 turns the sums into ``.grad``. No ``[T, P]`` tensor ever exists."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Sums:
     everything else (dense above the boundary, heads, the boundary's gradient) by ``add_``."""
 
     def __init__(self, masked, others, mask: fk.PackedMask | None, backend: str) -> None:
-        self.mask = mask
+        self.mask, self.backend = mask, backend
         self.masked = [accumulator(p) for p in masked]
         self.others = [torch.zeros_like(p) for p in others]
         self.others_seen = [False] * len(others)
@@ -55,6 +55,28 @@ class Sums:
                 self.others[i].add_(g)
                 self.others_seen[i] = True
 
+    def add_chunk(self, first: int, rows, indices: Sequence[int] | None = None) -> None:
+        """Tasks ``first`` to ``first + k - 1`` at once, ``rows`` as :meth:`add`'s ``grads`` with a
+        leading task dimension ``[k, *shape]`` (one batched backward): the masked sums by one
+        ``masked_accumulate_tasks`` launch (the bits of k :meth:`add` calls), ``others`` by one sum
+        over the chunk each."""
+        indices = range(len(self.masked)) if indices is None else indices
+        n = len(indices)
+        k = next((g.shape[0] for g in rows if g is not None), 0)
+        accs = [self.masked[i] for i in indices]
+        chunk = [g if g is not None else a.new_zeros((k, *a.shape)) for g, a in zip(rows[:n], accs)]
+        if self.mask is not None and accs:
+            run = fk.unchecked_kernel("masked_accumulate_tasks", accs[0].device, self.backend)
+            offsets = self.mask.word_offsets
+            run(accs, chunk, self.mask.words, [offsets[i] for i in indices], first)
+        else:
+            for a, g in zip(accs, chunk):
+                a.add_(g.sum(0))
+        for i, g in enumerate(rows[n:]):
+            if g is not None:
+                self.others[i].add_(g.sum(0))
+                self.others_seen[i] = True
+
 
 class Stream:
     """T backward passes, one per :meth:`add`, streamed into the running sums.
@@ -67,7 +89,7 @@ class Stream:
     per parameter and task costs more than the cache saves: there each task's gradients come from
     one ``autograd.grad`` and are added by one launch over all parameters.
 
-    ``fused`` (CPU; :func:`fsmtl.gradients.graph.fusable_linears`) maps Linear weights to their
+    ``fused`` (:func:`fsmtl.gradients.graph.fusable_linears`) maps Linear weights to their
     call's ``(X, output)``: the passes stop at those outputs (no weight gradient is formed), each
     task's output gradient ``G_t`` is kept for ``chunk`` tasks, and then
     :func:`fsmtl_kernels.masked_matmul_accumulate` adds ``sum_t S_t * (G_t^T X)`` into the weight's
@@ -80,7 +102,7 @@ class Stream:
     def __init__(self, masked, others, mask, backend, fused=None, chunk: int = 1):
         self.masked, self.others, self.mask, self.backend = masked, others, mask, backend
         device = masked[0].device if masked else others[0].device
-        self.fused, self.chunk = (fused or {}) if device.type == "cpu" else {}, chunk
+        self.fused, self.chunk = fused or {}, chunk
         fused_entries = sum(masked[i].numel() for i in self.fused)
         self.hooked = device.type == "cpu" and 2 * fused_entries < sum(p.numel() for p in masked)
         self.sums = Sums(masked, [] if self.hooked else others, mask, backend)

@@ -13,7 +13,7 @@ import torch
 import fsmtl_kernels as fk
 
 from .accumulate import Stream, Sums, write_grads
-from .batching import MeasuredBatching, auto_batched, fused_chunk, task_chunk, task_rows
+from .batching import MeasuredBatching, auto_batched, chunk_rows, fused_chunk, task_chunk, task_rows
 from .graph import Partition, fusable_linears, partition
 from .record import ForwardRecord
 
@@ -127,14 +127,37 @@ def _check_losses(losses: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _fuses(mask, masked, linears, backend: str) -> bool:
-    """Whether the fused linear weight gradient may run: masked CPU parameters whose op backend
-    is compiled (the C++ kernel; an explicit backend is taken as asked). On CUDA its Triton kernel
-    has not run on a GPU yet, so CUDA keeps the per-task masked sum (measured on an H100)."""
-    if mask is None or not linears or not masked or masked[0].device.type != "cpu":
+    """Whether the fused linear weight gradient may run: masked CPU or CUDA parameters whose op
+    backend is there (the C++ kernel on CPU, the Triton kernel on CUDA; an explicit backend is
+    taken as asked)."""
+    device = masked[0].device if masked else None
+    if mask is None or not linears or device is None or device.type not in ("cpu", "cuda"):
         return False
     if fk.backends.requested_backend(backend) != "auto":
         return True
-    return fk.backends.unavailable_reason("cpp", masked[0].device) is None
+    return fk.backends.unavailable_reason("cpp" if device.type == "cpu" else "triton", device) is None
+
+
+def _chunked_launches(device: torch.device) -> bool:
+    """Whether the batched mode adds each chunk of tasks with one launch per kernel (CUDA, where a
+    launch per task and parameter costs more than the arithmetic) rather than task by task."""
+    return device.type == "cuda"
+
+
+def _add_chunks(sums: Sums, losses, masked, others, mask, fused: dict, chunk: int, backend: str) -> Sums:
+    """The batched mode, chunk by chunk: one batched backward per chunk of tasks, stopped at the
+    outputs of the ``fused`` Linear layers (whose masked weight sums come from one
+    ``masked_matmul_accumulate`` launch per layer and chunk); the other masked gradients added by
+    one ``masked_accumulate_tasks`` launch per chunk."""
+    rest = [i for i in range(len(masked)) if i not in fused]
+    outputs = [y for _, y in fused.values()]
+    n = len(rest) + len(others)
+    for first, rows in chunk_rows(losses, [masked[i] for i in rest] + others + outputs, chunk):
+        sums.add_chunk(first, rows[:n], rest)
+        for (i, (x, _)), g in zip(fused.items(), rows[n:]):
+            if g is not None:  # [c, batch, out]: the chunk's output gradients
+                fk.masked_matmul_accumulate(sums.masked[i], g.transpose(1, 2), x, mask, i, first, backend=backend)
+    return sums
 
 
 def masked_multitask_backward(
@@ -170,7 +193,8 @@ def masked_multitask_backward(
         losses: the T task losses, scalar tensors, in mask-row order (not their sum).
         batched: ``False``: T backward passes (the floor every gradient-manipulation method
             shares); ``True``: batched vector-Jacobian products (``is_grads_batched``; a model
-            without batching rules falls back to T passes with a warning); ``"auto"``: the rule
+            without batching rules falls back to T passes with a warning; on CUDA each chunk of
+            tasks is added by one launch per kernel); ``"auto"``: the rule
             of :func:`auto_batched` (deterministic, so runs and resumed runs agree bit for bit);
             a :class:`MeasuredBatching`: both timed once per input shapes, T and device, the
             faster kept in it for later calls (``"measure"``: a new one, timing this call).
@@ -180,8 +204,9 @@ def masked_multitask_backward(
             backward of the boundary's summed gradient, so per-task work runs through the masked
             layers and what lies above them; dense parameters with any other path to a loss are
             handled per task, so any boundary gives the exact gradients. Its ``linears`` (the masked
-            ``nn.Linear`` calls): with T backward passes, a weight used only by its one 2-D call
-            gets its masked sum from the call's input and the per-task gradients of its output
+            ``nn.Linear`` calls): with T backward passes (and on CUDA in the batched mode too, a
+            chunk of tasks at a time), a weight used only by its one 2-D call gets its masked sum
+            from the call's input and the per-task gradients of its output
             (:func:`fsmtl_kernels.masked_matmul_accumulate`, the running sum kept in cache over the
             tasks) instead of T weight gradients each added into the sum; other weights take the
             plain path (checked on the autograd graph).
@@ -240,6 +265,9 @@ def masked_multitask_backward(
             taken.append(BackwardPath(False, fused_tasks if stream.fused else 1, tuple(stream.fused), stream.hooked))
             return sums
         sums = Sums(masked, others, mask, backend)
+        if _chunked_launches(inputs[0].device):
+            taken.append(BackwardPath(True, chunk, tuple(fused)))
+            return _add_chunks(sums, losses, masked, others, mask, fused, chunk, backend)
         for t, grads in task_rows(losses, inputs, chunk):
             sums.add(t, grads)
         taken.append(BackwardPath(True, chunk))

@@ -53,10 +53,10 @@ def fused_chunk(fused: dict, num_tasks: int, largest: int) -> int:
     return max(1, min(num_tasks, num_tasks * largest // max(1, per_task)))
 
 
-def task_rows(losses: list[torch.Tensor], inputs: list[torch.Tensor], chunk: int):
-    """Yield ``(t, grads of loss t w.r.t. inputs)`` for every task, None for unreached inputs:
-    chunks of ``chunk`` tasks as one batched vector-Jacobian product (``is_grads_batched``), so at
-    most ``chunk x len(inputs)`` gradient entries exist at once. The graph is kept."""
+def chunk_rows(losses: list[torch.Tensor], inputs: list[torch.Tensor], chunk: int):
+    """Yield ``(first task, rows)`` for every chunk of ``chunk`` tasks: ``rows[i]`` holds the
+    ``[c, *shape_i]`` gradients of the chunk's ``c`` losses w.r.t. ``inputs[i]`` (None where no loss
+    reaches it), from one batched vector-Jacobian product (``is_grads_batched``). The graph is kept."""
     num_tasks = len(losses)
     stacked = torch.stack([loss.reshape(()) for loss in losses])
     eye = torch.eye(num_tasks, dtype=stacked.dtype, device=stacked.device)
@@ -69,5 +69,14 @@ def task_rows(losses: list[torch.Tensor], inputs: list[torch.Tensor], chunk: int
             retain_graph=True,
             allow_unused=True,
         )
+        yield start, list(rows)
+
+
+def task_rows(losses: list[torch.Tensor], inputs: list[torch.Tensor], chunk: int):
+    """Yield ``(t, grads of loss t w.r.t. inputs)`` for every task, None for unreached inputs:
+    chunks of ``chunk`` tasks as one batched vector-Jacobian product (:func:`chunk_rows`), so at
+    most ``chunk x len(inputs)`` gradient entries exist at once. The graph is kept."""
+    num_tasks = len(losses)
+    for start, rows in chunk_rows(losses, inputs, chunk):
         for r in range(min(chunk, num_tasks - start)):
             yield start + r, [g[r] if g is not None else None for g in rows]
