@@ -90,3 +90,20 @@ def test_fused_rejects_before_writing_and_names_nan(fused):
     bad = [torch.ones(2, 50), torch.ones(2, 30)]
     bad[1][1, 7] = float("nan")
     raises_naming(ValueError, "scores[1]", lambda: fk.fisher_topk(params, bad, 3, backend=fused))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+def test_gpu_fused_equals_reference():
+    """P = 2e6 (the sampled path, so the fused pass), per-sample fp32 and batch bf16 gradients."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    shapes = [(1000, 1000), (7,), (999_993,)]
+    params = [torch.zeros(s, device=device) for s in shapes]
+    grads = [
+        [g.to(device) for g in integer_grads(shapes, 3, torch.float32, 5)],
+        [g.to(device) for g in integer_grads(shapes, None, torch.bfloat16, 6)],
+    ]
+    for k in ([1, 0.5], [0.1, 0.9]):
+        got = fk.fisher_topk_batched(params, grads, k, backend="triton")
+        want = fk.fisher_topk_batched(params, grads, k, backend="reference")
+        assert torch.equal(got.words, want.words), f"k={k}"

@@ -609,6 +609,29 @@ def test_gpu_large_p(cuda, ratio):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+def test_gpu_sampled_path_continuous_scores(cuda, dtype):
+    """P = 1e7 uniform and squared-normal scores (the sampled path, candidates, few ties) at
+    k = 10, 50, 90% and the extremes, against the reference; fp32 tasks take the candidates."""
+    from fsmtl_kernels.triton import topk_mask as tk
+
+    sizes = [7, 4097, 3_000_001, 6_995_895]
+    gen = torch.Generator(device=cuda).manual_seed(3)
+    uniform = [torch.rand(1, n, device=cuda, generator=gen).to(dtype) for n in sizes]
+    squares = [torch.randn(1, n, device=cuda, generator=gen).square().to(dtype) for n in sizes]
+    total = sum(sizes)
+    for scores in (uniform, squares):
+        assert_same_mask([torch.cat([s, s.flip(1)]) for s in scores], [0.1, 0.9])
+        assert_same_mask(scores, 0.5)
+        assert_same_mask(scores, 1)
+        assert_same_mask(scores, total - 1)
+        if dtype == torch.float32:  # low precision: long tie runs may sit at the bracket's ends
+            _, state = tk.topk_select(scores, [total // 2], *word_layout(sizes))
+            assert state[0, tk.ROUTE.value].item() & tk.ROUTE_CANDIDATES
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (no GPU here)")
 def test_gpu_opcheck(cuda):
     scores = random_scores([(7,), (3, 5)], 2, cuda)
     torch.library.opcheck(torch.ops.fsmtl.topk_mask.default, (scores, [3, 22], *word_layout([7, 15])))
