@@ -53,6 +53,48 @@ def test_without_a_gpu_the_check_fails_loudly():
     assert proc.returncode == 2 and "unknown argument" in proc.stderr
 
 
+def test_part_runner_records_failures_and_timeouts():
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--self-test"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "stand-in ran" in proc.stdout and "(TIMED OUT)" in proc.stdout
+    assert proc.stdout.strip().endswith("FAILED parts: failure timeout")
+
+
+STAND_IN = """#!/usr/bin/env bash
+# python3 on a GPU machine, played on CPU: answers the check's GPU questions, fakes its GPU parts.
+case "$*" in
+  *torch.cuda.is_available*) exit 0 ;;
+  *"get_device_name(0).lower()"*) echo h100 ;;
+  *"get_device_name(0), 'torch'"*) echo "NVIDIA H100 (stand-in)" ;;
+  "-m pip "*|*"import fsmtl, fsmtl_kernels.triton"*) echo "stand-in: $1 $2" ;;
+  *"import xdist"*) exit 1 ;;
+  "-m pytest "*) echo "4 passed, 1 skipped in 1.00s" ;;
+  *gpu_bandwidth.py*) echo '{"rows": [{"kernel": "topk_mask[k=10%]", "P": 100000000, "ms": 0.3}]}' > "${@: -1}" ;;
+  *step_table.py*) echo "step table crashed" >&2; exit 1 ;;
+  *) exec PYTHON "$@" ;;
+esac
+"""
+
+
+def test_the_check_end_to_end_with_a_stand_in_gpu(tmp_path):
+    """The real run's orchestration (parts, file names, summary, $OUT, exit status) with a stand-in
+    python3 that fakes the GPU parts; the step table fails, so the check must exit 1 naming it."""
+    stand_in = tmp_path / "python3"
+    stand_in.write_text(STAND_IN.replace("PYTHON", sys.executable))
+    stand_in.chmod(0o755)
+    results, out = tmp_path / "results", tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHON=str(stand_in), GPU_CHECK_RESULTS=str(results), OUT=str(out))
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "== step: exit 1" in proc.stdout and "FAILED parts of the check: step" in proc.stdout
+    assert "MET  top-K: k=10% fp32 <= 0.4 ms" in proc.stdout
+    kinds = sorted(p.suffix if p.suffix == ".log" else p.name.split("-")[-1] for p in out.iterdir())
+    assert kinds == [".log", "bandwidth.json", "summary.json", "tests.txt"]
+    summary = json.loads(next(results.glob("*-summary.json")).read_text())
+    assert summary["failed_parts"] == ["step"]
+
+
 def fake_bandwidth() -> dict:
     rows = [
         {"kernel": "fisher_accumulate[float32]", "P": 10**8, "ratio_to_copy": 0.9},
