@@ -301,7 +301,7 @@ def test_lr_scheduler_per_epoch_and_per_step():
 
 
 def test_bf16_autocast_runs_the_forward_in_bf16_and_fisher_in_float32():
-    trainer = make_trainer(FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1)), amp="bf16")
+    trainer = make_trainer(FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1)), amp="bf16")  # in turns
     seen = []
     trainer.model.trunk[0].register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
     before = params(trainer.model)
@@ -331,7 +331,7 @@ def test_fp16_with_grad_scaler_trains_as_float32_and_counts_its_skips(device):
     for amp in (None, "fp16"):
         model = make_model().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        strategy = FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1))
+        strategy = FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1), update="average")
         trainer = fsmtl.Trainer(model, TASKS, strategy, opt, amp=amp)
         trainer.fit(make_split(), epochs=3, batch_size=16)
         runs[amp] = trainer

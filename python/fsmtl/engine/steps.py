@@ -122,7 +122,9 @@ class InTurnsStep(PlainStep):
         t_, strategy = self.trainer, self.trainer.strategy
         for t, task in enumerate(t_.tasks):
             if t > 0:
-                loss = task_loss(task, t_.model(inputs[t], t, strategy.forward_mask(t)), targets[t]).float()
+                with autocast(t_):  # the same precision as task 0's loss from the step's forward
+                    loss = task_loss(task, t_.model(inputs[t], t, strategy.forward_mask(t)), targets[t])
+                loss = loss.float()
             else:
                 loss = losses[0]
             t_.optimizer.zero_grad(set_to_none=True)

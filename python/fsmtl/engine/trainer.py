@@ -112,7 +112,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
         if self.scaler is not None and strategy.in_turns:
             raise ValueError(
-                "amp='fp16' (a gradient scaler) is not supported with a strategy that updates tasks in turns"
+                "amp='fp16' (a gradient scaler) is not supported with a strategy that updates tasks in turns "
+                "(FisherSparse: update='average'; or amp='bf16', which needs no scaler)"
             )
         # Separate streams: the strategy's sampling must not shift the batch order, so that two
         # strategies with the same seed see the same batches.
