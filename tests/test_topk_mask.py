@@ -488,6 +488,16 @@ def test_sampled_low_precision_scores(sampled, dtype):
     assert_same_mask(scores, [0.1, 0.5, 0.9], sampled and "triton")
 
 
+def test_sampled_mixed_dtypes_and_alignment_groups(sampled):
+    """fp16, fp32, bf16 and a misaligned fp32 view: four launch groups share the tie ranks."""
+    gen = torch.Generator().manual_seed(12)
+    misaligned = torch.rand(2, 65, generator=gen)[:, 1:]
+    scores = [torch.rand(2, 40, generator=gen).half(), torch.rand(2, 33, generator=gen), torch.rand(2, 64).bfloat16()]
+    scores.append(misaligned)
+    for k in (1, 50, 100, 201):
+        assert_same_mask(scores, [k, 202 - k], "triton")
+
+
 def test_sampled_signed_zeros_infinities_and_empty_parameters(sampled):
     gen = torch.Generator().manual_seed(8)
     values = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-38, 3.0e38, -2.0, 0.5])
