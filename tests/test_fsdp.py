@@ -182,3 +182,23 @@ def test_what_cannot_run_on_shards_is_refused_before_training(ranks):
     assert "mp_policy" in messages[4]
     assert "homogeneous" in messages[5]
     assert "in turns" in messages[6] and "fs-avg" in messages[6]
+
+
+def test_fsmtl_run_parallel_fsdp_trains_on_two_processes_and_refuses_what_cannot_run(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "fsmtl", "run", "--parallel", "fsdp", "--seeds", "0", "--epochs", "2",
+            "--keep-ratios", "0.5", "--warmup", "1", "--update-every", "1", "--no-progress"]  # fmt: skip
+    alone = subprocess.run([*base, "--methods", "mtl", "--out", str(tmp_path / "a")], env=env, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert alone.returncode == 2 and "add --nproc N" in alone.stderr.strip().splitlines()[-1]
+    done = subprocess.run([*base, "--nproc", "2", "--methods", "mtl,fs-avg", "--out", str(tmp_path / "b")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["parallel"] == "fsdp" and results["distributed"]["world_size"] == 2
+    assert results["methods"]["fs-avg"]["mask_used"]

@@ -74,6 +74,7 @@ def trainer_fingerprint(trainer) -> dict:
         "homogeneous": trainer.homogeneous,
         "amp": trainer.amp,
         "world size": collectives.world_size(),
+        "parallel": trainer.parallel,
     }
     for name, p in trainer.model.named_parameters():
         fp[f"parameter {name}"] = f"{'x'.join(map(str, p.shape)) or 'scalar'} {str(p.dtype).removeprefix('torch.')}"

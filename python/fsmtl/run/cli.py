@@ -162,6 +162,14 @@ def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) ->
         "torchrun --standalone --nproc_per_node N -m fsmtl run ...); --batch-size is per process",
     )
     run.add_argument(
+        "--parallel",
+        choices=("fsdp",),
+        default=D(None),
+        help="with several processes: fsdp shards the model's parameters, gradients and optimizer state over "
+        "them with FSDP2 (homogeneous tasks, methods that train on shards; see docs/sharded.md); by default every "
+        "process holds the whole model and one all-reduce combines the gradients",
+    )
+    run.add_argument(
         "--checkpoint-dir",
         type=Path,
         default=D(None),
@@ -370,7 +378,7 @@ def _run(args, held) -> int:
         progress = Progress(runs, stream=sys.stderr)
     with stop_on_signals():  # SIGINT/SIGTERM: stop after the current step (checkpoint with --checkpoint-dir)
         try:
-            results = run_experiment(cfg, benchmark=data, progress=progress, store=store)
+            results = run_experiment(cfg, benchmark=data, progress=progress, store=store, parallel=args.parallel)
         except (TrainingInterrupted, KeyboardInterrupt) as stop:
             path = _write_partial(args, cfg, stop)
             kept = len(getattr(stop, "finished_runs", []))

@@ -112,13 +112,20 @@ def _one_task(split: Split, t: int) -> Split:
 
 
 def train_once(
-    benchmark: Benchmark, method: str, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress=None, store=None
+    benchmark: Benchmark,
+    method: str,
+    seed: int,
+    keep_ratio: float,
+    cfg: ExperimentConfig,
+    progress=None,
+    store=None,
+    parallel: str | None = None,
 ) -> dict:
     """Train one method with one seed; returns val and test metrics per task, history, mask info.
     With a :class:`fsmtl.run.resume.RunStore`, a finished run is read back and an interrupted one resumed."""
     spec = get_method(method)
     if not spec.single_task:
-        return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress, store)
+        return _train_model(benchmark, spec, seed, keep_ratio, cfg, progress, store, parallel)
     runs = []
     for t, task in enumerate(benchmark.tasks):
         sub = Benchmark(
@@ -130,7 +137,7 @@ def train_once(
             _one_task(benchmark.val, t),
             _one_task(benchmark.test, t),
         )
-        runs.append(_train_model(sub, spec, seed, keep_ratio, cfg, progress, store))
+        runs.append(_train_model(sub, spec, seed, keep_ratio, cfg, progress, store, parallel))
     return {
         "val": [r["val"][0] for r in runs],
         "test": [r["test"][0] for r in runs],
@@ -139,16 +146,28 @@ def train_once(
 
 
 def _train_model(
-    benchmark: Benchmark, spec: Method, seed: int, keep_ratio: float, cfg: ExperimentConfig, progress, store=None
+    benchmark: Benchmark,
+    spec: Method,
+    seed: int,
+    keep_ratio: float,
+    cfg: ExperimentConfig,
+    progress,
+    store=None,
+    parallel: str | None = None,
 ) -> dict:
     # Each run seeds itself here, so a finished run read back below changes no other run.
     torch.manual_seed(seed)
     model = build_model(benchmark, hidden=cfg.hidden, backbone=cfg.model).to(cfg.device)
     strategy = spec.build(method_options(keep_ratio, cfg))
+    amp = cfg.amp
+    if parallel == "fsdp":  # sharded before the optimizer is built; mixed precision through FSDP2's policy
+        model.shard(mp_policy=_mixed_precision(cfg.amp))
+        amp = None
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     trainer = Trainer(
-        model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed, amp=cfg.amp
-    )
+        model, benchmark.tasks, strategy, optimizer, homogeneous=benchmark.homogeneous, seed=seed, amp=amp,
+        parallel=parallel,
+    )  # fmt: skip
     trainer.fingerprint.update(run_fingerprint(asdict(cfg)))  # its checkpoints and result name the run's settings
     run_dir = store.run_dir(spec.name, seed, keep_ratio, benchmark.tasks) if store is not None else None
     if run_dir is not None and (done := store.finished(run_dir, trainer.fingerprint)) is not None:
@@ -190,12 +209,39 @@ def steps_per_run(benchmark: Benchmark, method: str, cfg: ExperimentConfig) -> i
     return -(-max(sizes) // batch) * cfg.epochs
 
 
+def _mixed_precision(amp: str | None):
+    """FSDP2's mixed precision for ``--amp`` (None: float32)."""
+    if amp is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
+
+
+def check_parallel(cfg: ExperimentConfig, benchmark: Benchmark, parallel: str | None) -> None:
+    """``--parallel fsdp``: several processes, homogeneous tasks and methods that train on shards,
+    checked before any run trains (one line each)."""
+    if parallel is None:
+        return
+    if parallel != "fsdp":
+        raise ValueError(f"--parallel must be fsdp, got {parallel!r}")
+    if world_size() < 2:
+        raise ValueError("--parallel fsdp shards over several processes: add --nproc N (or run under torchrun)")
+    if not benchmark.homogeneous:
+        raise ValueError(f"--parallel fsdp trains homogeneous tasks; benchmark {benchmark.name!r} is heterogeneous")
+    for method in cfg.methods:
+        reason = get_method(method).build(method_options(cfg.keep_ratios[0], cfg)).sharding_unsupported()
+        if reason is not None:
+            raise ValueError(f"--parallel fsdp: method {method!r}: {reason}")
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     *,
     benchmark: Benchmark | None = None,
     progress=None,
     store=None,
+    parallel: str | None = None,
 ) -> dict:
     """Run every method of ``cfg`` under the evaluation protocol (:mod:`fsmtl.run.protocol`):
     the keep ratio chosen on validation with ``cfg.select_seeds``, the chosen one trained with
@@ -213,6 +259,7 @@ def run_experiment(
     """
     benchmark = benchmark if benchmark is not None else load_benchmark(cfg.benchmark, **cfg.benchmark_options)
     benchmark.check()  # every split of every task, before the first run trains
+    check_parallel(cfg, benchmark, parallel)
     notes = split_warnings(benchmark)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
@@ -228,7 +275,7 @@ def run_experiment(
         label = run_label(method, seed, p)
         bar = progress.run(label, steps_per_run(benchmark, method, cfg)) if progress is not None else None
         try:
-            run = train_once(benchmark, method, seed, p, cfg, bar, store)
+            run = train_once(benchmark, method, seed, p, cfg, bar, store, parallel)
         finally:
             if bar is not None:
                 bar.close()
@@ -286,6 +333,7 @@ def run_experiment(
         "seconds": time.perf_counter() - started,
         "fingerprint": run_fingerprint(asdict(cfg)),
         **run_record(),  # several processes: world_size and backend
+        **({"parallel": parallel} if parallel is not None else {}),
     }
 
 
