@@ -95,7 +95,9 @@ class Phases:
     "name, expected",
     [
         ("fs", ["warm-up", "mask update", "training", "mask update", "training"]),
-        ("mr", ["training", "mask update", "training", "mask update", "training"]),
+        # MR roams from the end of the warm-up, one swap per step until each task has visited its
+        # 8 units (4 held, 4 swaps), then its masks freeze: 4 roaming steps in epoch 1, none in epoch 2.
+        ("mr", ["training"] + ["mask update", "training"] * 4),
         ("mtl", ["training"]),
     ],
 )

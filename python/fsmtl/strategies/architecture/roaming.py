@@ -112,6 +112,7 @@ class MaximumRoaming(ActivationModulation):
             self.every, self._start = max(1, int(step / epoch * self.schedule.every) // most), step
 
     def updates_at(self, epoch: int, step: int, epoch_start: bool) -> bool:
+        self._decide_start(epoch, step, epoch_start)  # the trainer may ask before on_step
         if self.frozen:
             return False
         if self.schedule is None:
