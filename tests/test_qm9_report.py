@@ -135,6 +135,7 @@ def test_study_report_shows_units_and_holm(qm9_run, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| method | mu (D) | G (meV) | ΔM% vs STL | mean rank |" in report
     assert "In brackets: the same p-values with Holm's correction" in report
+    assert "![relative_mae_1.png](relative_mae_1.png)" in report and (tmp_path / "relative_mae_1.png").is_file()
     tests = [t for row in setting["rows"].values() for t in row["paired"].values()]
     assert all("p_holm" in t["ttest"] for t in tests)
     assert format_report(json.loads(json.dumps(study, default=str)), {}).startswith("# Study `qm9-tiny`")

@@ -416,5 +416,34 @@ def plot_study(study: dict, out: Path) -> dict:
         names.append(f"per_task_{i + 1}.png")
         fig.savefig(out / names[-1], dpi=110)
         plt.close(fig)
+        if s.get("units"):
+            names.append(_plot_relative_mae(s, i, out, seeds))
         figures[i] = names
     return figures
+
+
+def _plot_relative_mae(s: dict, i: int, out: Path, seeds: str) -> str:
+    """Test MAE per target relative to STL's (or the first method's), one bar per method, log axis."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    units = s["units"]
+    reference = "stl" if "stl" in units else next(iter(units))
+    base = np.array(units[reference]["mae"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(s["tasks"]) * len(units)), 4))
+    width = 0.8 / len(units)
+    x = np.arange(len(s["tasks"]))
+    for j, (m, row) in enumerate(units.items()):
+        ax.bar(x + j * width, np.array(row["mae"]) / base, width, label=method_label(m))
+    ax.axhline(1.0, color="k", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(x + width * (len(units) - 1) / 2, s["tasks"], rotation=30, ha="right")
+    ax.set_ylabel(f"test MAE / {method_label(reference)}'s (lower is better)")
+    ax.set_title(f"{s['label']}\nMAE per target relative to {method_label(reference)}, mean over seeds {seeds}",
+                 fontsize="small")  # fmt: skip
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    name = f"relative_mae_{i + 1}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
