@@ -75,7 +75,7 @@ def test_the_own_loop_trains_as_the_trainer_does():
     split = Split([x] * 3, ys)
     schedule = fsmtl.MaskSchedule(warmup=1, every=1)
     net = model()
-    strategy = fsmtl.FisherSparse(0.3, samples=32, schedule=schedule)
+    strategy = fsmtl.FisherSparse(0.3, samples=32, schedule=schedule, update="average")  # the loop's update
     trainer = fsmtl.Trainer(net, TASKS, strategy, torch.optim.SGD(net.parameters(), lr=0.1), seed=5)
     trainer.fit(split, epochs=3, batch_size=16, progress=None)
 

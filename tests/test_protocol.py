@@ -26,7 +26,7 @@ def _metrics(bench, mse: float) -> list[dict]:
 def _fake_train(calls, val_mse, test_mse):
     """A stand-in for train_once: validation and test MSE from the given functions of (p, seed)."""
 
-    def train_once(benchmark, method, seed, keep_ratio, cfg, progress=None, store=None):
+    def train_once(benchmark, method, seed, keep_ratio, cfg, progress=None, store=None, parallel=None):
         calls.append((method, seed, keep_ratio))
         return {
             "val": _metrics(benchmark, val_mse(keep_ratio, seed)),
