@@ -96,7 +96,7 @@ def test_reported_numbers_sample_std_and_paired_tests(monkeypatch, bench):
     assert vs_mtl["wilcoxon"]["p"] == pytest.approx(0.25)  # all 3 positive: 2 * 1/8
     assert set(fs["paired"]) == {"vs_mtl"} and set(mtl["paired"]) == {"vs_fs"}
     table = format_table(results)
-    assert "FS: vs mtl: n/a / 0.250 (3/3 seeds better)" in table
+    assert "FS: vs mtl: n/a / 0.250 [n/a / 0.250] (3/3 seeds better)" in table  # [Holm-corrected]
     assert "sample std (ddof=1) over the reported seeds 0,1,2" in table
 
 
