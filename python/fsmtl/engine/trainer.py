@@ -287,6 +287,8 @@ class Trainer:
                 train_source(data, self.tasks, self.homogeneous, batch_size or 1, None, where=name)
         check_fit(self, train, val, fisher_data, batch_size, global_batch)
         self.global_batch = global_batch
+        if progress is False:  # as None: no progress
+            progress = None
         own_progress = isinstance(progress, str)
         if own_progress:
             if progress != "auto":

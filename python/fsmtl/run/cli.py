@@ -126,7 +126,9 @@ def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) ->
         "--model",
         choices=BACKBONES,
         default=D(d.model),
-        help="trunk: auto (MLP, small CNN or dense CNN by the input), resnet18 or segnet (the paper's backbones)",
+        help="trunk: auto (MLP, small CNN or dense CNN by the input) or one by name: "
+        + ", ".join(b for b in BACKBONES if b != "auto")
+        + " (resnet18, segnet: the paper's backbones; see fsmtl.models)",
     )
     run.add_argument(
         "--preset",
