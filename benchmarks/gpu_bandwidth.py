@@ -249,6 +249,22 @@ def bench_linear_fisher(device, repeats: int, n: int = 4096, n_out: int = 4096, 
     return rows
 
 
+class ProgressRows(list):
+    """The rows measured so far, written into ``path`` (with ``result``'s header) after each
+    addition, so that a run stopped by a time limit still leaves what it measured."""
+
+    def __init__(self, result: dict, path: Path) -> None:
+        super().__init__()
+        self.result, self.path = result, path
+
+    def __iadd__(self, rows):
+        self.extend(rows)
+        print("measured " + ", ".join(r["kernel"] for r in rows), flush=True)
+        self.result["rows"] = list(self)
+        self.path.write_text(json.dumps(self.result, indent=2))
+        return self
+
+
 def guarded(fn, *args, **kwargs) -> list[dict]:
     """``fn``'s row(s); a kernel that fails is one row naming the error (the others still run)."""
     name = kwargs.pop("name")
@@ -328,7 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     def wanted(name: str) -> bool:
         return not args.only or name in args.only
 
-    rows = []
+    device_name = torch.cuda.get_device_name(device) if CUDA else "cpu (Triton interpreted: checks this script only)"
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "blocks": dict(_utils.GPU_BLOCKS),
+        "rows": [],
+    }
+    rows = ProgressRows(result, args.json)
     for p in (int(s) for s in args.sizes):
         for dtype in dtypes if wanted("fisher_accumulate") else ():
             rows += guarded(bench_fisher_accumulate, p, device, args.repeats, dtype, name=f"fisher_accumulate[{dtype}]")
@@ -350,8 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += guarded(bench_linear_fisher, device, args.repeats, n, n, n, name="linear_fisher")
 
     keys = ["kernel", "P", "ms", "gbps", "copy_gbps", "ratio_to_copy", "ratio_to_one_read"]
-    name = torch.cuda.get_device_name(device) if CUDA else "cpu (Triton interpreted: checks this script only)"
-    print(f"{name}, torch {torch.__version__}, triton {triton.__version__}, blocks {_utils.GPU_BLOCKS}")
+    print(f"{device_name}, torch {torch.__version__}, triton {triton.__version__}, blocks {_utils.GPU_BLOCKS}")
     print(" | ".join(f"{k:>14}" for k in keys) + " | speed-ups")
     for r in rows:
         if "error" in r:
@@ -359,16 +384,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         speedups = ", ".join(f"{k[11:]}: {v}x" for k, v in r.items() if k.startswith("speedup_vs_"))
         print(" | ".join(f"{str(r.get(k, '')):>14}" for k in keys) + f" | {speedups}")
-    result = {
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "blocks": dict(_utils.GPU_BLOCKS),
-        "rows": rows,
-    }
-    args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
     return 1 if any("error" in r for r in rows) else 0
 

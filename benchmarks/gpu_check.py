@@ -262,6 +262,18 @@ def step_goals(step: list | None) -> list[Goal]:
     return goals
 
 
+def step_rows_from_log(text: str | None) -> list | None:
+    """The step table's rows from its printed progress (``mlp 8 64 {...}``, one line per trunk
+    and T): what it measured before a time limit stopped it, when its JSON was not written."""
+    rows = []
+    for line in (text or "").splitlines():
+        match = re.match(r"^(\w+) (\d+) (\d+) (\{.*\})$", line.strip())
+        if match:
+            model, num_tasks, batch, results = match.groups()
+            rows.append({"model": model, "T": int(num_tasks), "batch": int(batch), "results": json.loads(results)})
+    return rows or None
+
+
 def test_counts(text: str | None) -> dict[str, int] | None:
     """The counts of pytest's last summary line (``97 passed, 3 skipped, 551 deselected in 57s``)."""
     if not text:
@@ -317,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bandwidth", type=Path, help="JSON of gpu_bandwidth.py --check")
     parser.add_argument("--step", type=Path, help="JSON of step_table.py --device cuda --out")
+    parser.add_argument("--step-log", type=Path, help="its printed output: the rows it finished, if no JSON")
     parser.add_argument("--tests", type=Path, help="log of pytest -m gpu")
     parser.add_argument("--elapsed", type=float, help="seconds the check took so far")
     parser.add_argument("--budget", type=float, default=390.0, help="the check's time budget in seconds")
@@ -327,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bandwidth = _read_json(args.bandwidth)
     step = _read_json(args.step)
+    if step is None and args.step_log and args.step_log.exists():
+        step = step_rows_from_log(args.step_log.read_text(errors="replace"))
     tests = args.tests.read_text(errors="replace") if args.tests and args.tests.exists() else None
     goals = evaluate(bandwidth, step, tests, args.elapsed, args.budget)
     machine = (bandwidth or {}).get("device", "unknown device")

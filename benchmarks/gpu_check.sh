@@ -10,7 +10,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run  # anywhere: the summary on the committed H100 results
 #   bash benchmarks/gpu_check.sh --self-test  # anywhere: the part runner on stand-in commands
 #
-# Writes benchmarks/results/gpu-check-<gpu>-<date>-{tests.txt,bandwidth.json,step.json,summary.json}
+# Writes benchmarks/results/gpu-check-<gpu>-<date>-{tests.txt,bandwidth.json,step.json,step.txt,summary.json}
 # (GPU_CHECK_RESULTS names another folder) and copies them, with the whole log, into $OUT when it
 # is set (the device tool returns $OUT).
 # Wheels in .whl/ (torchjd, qpsolvers, quadprog for Python 3.12; the machine has no network) are
@@ -98,18 +98,24 @@ gpu_tests() {
     2>&1 | tee "$RESULTS/$TAG-tests.txt"
 }
 
-export -f install gpu_tests
+step_table() {
+  set -o pipefail
+  local methods=dense,floor,fsmtl-seq,fsmtl-batched,fsmtl-auto,partial-top2,mask-forward,mask-forward-loop
+  PYTHONUNBUFFERED=1 "$PY" benchmarks/step_table.py --device cuda --repeats 10 --batch-t40-cnn 64 \
+    --methods "$methods,torchjd-upgrad" --out "$RESULTS/$TAG-step.json" 2>&1 | tee "$RESULTS/$TAG-step.txt"
+}
+
+export -f install gpu_tests step_table
 # Limits: 50 + 115 + 85 + 100 s, plus 10 s of grace each for a part that ignores SIGTERM = 390 s.
 part install 50 bash -c install
 part tests 115 bash -c gpu_tests
 part bandwidth 85 "$PY" benchmarks/gpu_bandwidth.py --check --json "$RESULTS/$TAG-bandwidth.json"
-part step 100 "$PY" benchmarks/step_table.py --device cuda --repeats 10 --batch-t40-cnn 64 \
-  --methods dense,floor,fsmtl-seq,fsmtl-batched,fsmtl-auto,partial-top2,mask-forward,mask-forward-loop,torchjd-upgrad \
-  --out "$RESULTS/$TAG-step.json"
+part step 100 bash -c step_table
 
 echo "== summary ($(($(date +%s) - START))s into the check) =="
 "$PY" benchmarks/gpu_check.py --label "$TAG" --bandwidth "$RESULTS/$TAG-bandwidth.json" \
-  --step "$RESULTS/$TAG-step.json" --tests "$RESULTS/$TAG-tests.txt" --elapsed $(($(date +%s) - START)) \
+  --step "$RESULTS/$TAG-step.json" --step-log "$RESULTS/$TAG-step.txt" --tests "$RESULTS/$TAG-tests.txt" \
+  --elapsed $(($(date +%s) - START)) \
   --budget "$BUDGET" --failed "${FAILED[*]:-}" --json "$RESULTS/$TAG-summary.json"
 STATUS=$?
 if [ -n "${OUT:-}" ]; then

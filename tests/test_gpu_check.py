@@ -70,7 +70,7 @@ case "$*" in
   *"import xdist"*) exit 1 ;;
   "-m pytest "*) echo "4 passed, 1 skipped in 1.00s" ;;
   *gpu_bandwidth.py*) echo '{"rows": [{"kernel": "topk_mask[k=10%]", "P": 100000000, "ms": 0.3}]}' > "${@: -1}" ;;
-  *step_table.py*) echo "step table crashed" >&2; exit 1 ;;
+  *step_table.py*) echo 'mlp 2 64 {"floor": {"ms": 10.0}, "fsmtl-auto": {"ms": 10.5}}'; echo "killed" >&2; exit 1 ;;
   *) exec PYTHON "$@" ;;
 esac
 """
@@ -89,8 +89,9 @@ def test_the_check_end_to_end_with_a_stand_in_gpu(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "== step: exit 1" in proc.stdout and "FAILED parts of the check: step" in proc.stdout
     assert "MET  top-K: k=10% fp32 <= 0.4 ms" in proc.stdout
+    assert "MET  step: mlp T=2 FSMTL <= 1.10x floor" in proc.stdout  # the row it printed before it stopped
     kinds = sorted(p.suffix if p.suffix == ".log" else p.name.split("-")[-1] for p in out.iterdir())
-    assert kinds == [".log", "bandwidth.json", "summary.json", "tests.txt"]
+    assert kinds == [".log", "bandwidth.json", "step.txt", "summary.json", "tests.txt"]
     summary = json.loads(next(results.glob("*-summary.json")).read_text())
     assert summary["failed_parts"] == ["step"]
 
