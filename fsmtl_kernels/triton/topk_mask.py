@@ -73,7 +73,7 @@ RANK_CHUNK = tl.constexpr(32)
 #: Digits of the radix select: 8 bits (256-bin histograms), at most 4 passes.
 BITS = tl.constexpr(8)
 N_BINS = tl.constexpr(256)
-PASSES = 4
+PASSES = tl.constexpr(4)
 SAMPLE_BLOCK = tl.constexpr(1024)
 
 #: Columns of the segment table (:class:`_utils.Segment`): scores pointer ([T, n] contiguous), n,
@@ -107,7 +107,7 @@ NAN_POS = tl.constexpr(21)  # smallest block start holding a NaN score (NO_NAN: 
 TIE_COUNT = tl.constexpr(22)  # ties gathered
 ROUTE = tl.constexpr(23)  # the path taken, a sum of the ROUTE_* flags (for tests and benchmarks)
 TICKETS = tl.constexpr(24)  # programs finished: classify, the PASSES radix passes, tie gather
-NS = 24 + 1 + PASSES + 1
+NS = tl.constexpr(24 + 1 + PASSES.value + 1)
 
 #: Flags of the ROUTE column: where the classify pass found the k-th key, and how ties were ranked.
 ROUTE_HI, ROUTE_CANDIDATES, ROUTE_LO, ROUTE_FALLBACK, ROUTE_TIE_GATHER, ROUTE_TIE_COUNT = 1, 2, 4, 8, 16, 32
@@ -627,7 +627,7 @@ def plan(scores, ks) -> Plan:
     rows = []  # Python lists: element writes into a tensor cost microseconds each
     caps = [0]
     for k in ks:
-        row = [0] * NS
+        row = [0] * NS.value
         row[K.value] = k
         row[NAN_POS.value] = NO_NAN
         if k == 0 or k == total:
@@ -638,8 +638,8 @@ def plan(scores, ks) -> Plan:
         else:
             row[SOURCE.value], row[KREM.value], row[SHIFT.value] = FULL.value, k, 32 - BITS.value
         rows.extend(row)
-    host = torch.zeros(num_tasks * (NS + PASSES * n_bins), dtype=torch.int64, pin_memory=device.type == "cuda")
-    host[: num_tasks * NS] = torch.tensor(rows, dtype=torch.int64)
+    host = torch.zeros(num_tasks * (NS.value + PASSES.value * n_bins), dtype=torch.int64, pin_memory=device.type == "cuda")
+    host[: num_tasks * NS.value] = torch.tensor(rows, dtype=torch.int64)
     work = host.to(device, non_blocking=True) if device.type == "cuda" else host
     cap_stride = max(caps)
     return Plan(
@@ -653,8 +653,8 @@ def plan(scores, ks) -> Plan:
         launches,
         sampled,
         m,
-        work[: num_tasks * NS].view(num_tasks, NS),
-        work[num_tasks * NS :].view(PASSES, num_tasks, n_bins),
+        work[: num_tasks * NS.value].view(num_tasks, NS.value),
+        work[num_tasks * NS.value :].view(PASSES.value, num_tasks, n_bins),
         torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int32, device=device),
         torch.empty(num_tasks, max(cap_stride, 1), dtype=torch.int64, device=device),
         cap_stride,
@@ -707,7 +707,7 @@ def select_and_mask(p: Plan, n_words: int) -> torch.Tensor:
     cand_blocks = 1 if _utils.is_interpreter() else _utils.cdiv(p.cap_stride, p.block)
     grids = [_utils.persistent_programs(p.device, launch.n_blocks) for launch in p.launches]
     grids[0] = max(grids[0], _utils.persistent_programs(p.device, cand_blocks))
-    for i in range(PASSES):
+    for i in range(PASSES.value):
         for j, (launch, programs) in enumerate(zip(p.launches, grids, strict=True)):
             _radix_pass_kernel[(programs, p.num_tasks)](
                 launch.table,
