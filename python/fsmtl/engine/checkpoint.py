@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
+
+from ..files import write_atomically
 
 PATTERN = re.compile(r"^ckpt-(\d{9})\.pt$")
 
@@ -42,70 +43,6 @@ after every step and, when set, writes a checkpoint and raises :class:`TrainingI
 
 class TrainingInterrupted(Exception):
     """Training stopped on request after a completed step (its checkpoint, if any, is written)."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class _Watched:
-    """A file whose ``write`` remembers the ``OSError`` it raised (for writers that swallow it)."""
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def write_atomically(path: str | os.PathLike[str], mode: str, write, *, newline: str | None = None) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path`` (opened with ``mode``), fsync it,
-    then ``os.replace`` it onto ``path`` and fsync the directory: a reader (or a kill -9) sees the
-    old file or the new one. An ``OSError`` is re-raised with ``filename`` = ``path``."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from others: as open() would
-        with os.fdopen(fd, mode, newline=newline) as f:
-            watched = _Watched(f)
-            try:
-                write(watched)
-            except RuntimeError:
-                # torch.save turns the OSError of a failed write of its zip stream into a RuntimeError.
-                if watched.error is None:
-                    raise
-                raise watched.error from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def atomic_save(obj, path: str | os.PathLike[str]) -> Path:

@@ -11,7 +11,8 @@ import io
 import json
 from pathlib import Path
 
-from ..engine.checkpoint import atomic_write_text, write_atomically
+from ..engine.checkpoint import atomic_write_text
+from ..files import write_atomically
 from ..strategies import Method, get_method
 from ..tasks.metrics import METRIC_DIRECTION
 
