@@ -29,7 +29,8 @@ def test_method_names_labels_and_flags():
     assert list(METHODS)[:7] == ["stl", "mtl", "rs", "fs", "efs", "grad2", "absgrad"]
     assert len({m.label for m in METHODS.values()}) == len(METHODS)
     assert [n for n, m in METHODS.items() if m.single_task] == ["stl", "stl-fs"]
-    variants = ["rs-redraw", "fs-layer", "fs-masked", "fs-avg", "fs-turns", "stl-fs"]  # fsmtl.strategies.sparse.variants
+    # fsmtl.strategies.sparse.variants
+    variants = ["rs-redraw", "fs-layer", "fs-masked", "fs-avg", "fs-turns", "stl-fs"]
     assert [n for n, m in METHODS.items() if m.sparse] == ["rs", *ESTIMATORS, *variants, "tr", "mr"]
     assert {m.variant: n for n, m in METHODS.items() if m.strategy is FisherSparse} == {e: e for e in ESTIMATORS}
     assert {m.variant for m in METHODS.values() if m.strategy is JacobianAggregation} == set(AGGREGATORS)
