@@ -260,41 +260,44 @@ def test_gpu_torch_compile_fullgraph(cuda):
 # Every Triton kernel compiles for a Hopper GPU (sm_90), checked on CPU
 # ---------------------------------------------------------------------------------------------
 
-#: (module, kernel, pointer element types, constexprs, compile options): the variants the GPU
-#: paths launch. Other scalar arguments are int64, ``scale`` float32.
+#: (module, kernel, pointer element types, constexprs, warps or (warps, stages), 128-bit global
+#: accesses expected): the variants the GPU paths launch. Other scalars are int64, ``scale`` fp32.
 AOT_KERNELS = [
-    ("topk_mask", "_sample_kernel", {"sample_ptr": "*fp32"}, {"LOG_SEGMENTS": 3, "S_DTYPE": "bf16", "BLOCK": 1024}, 4),
+    ("topk_mask", "_sample_kernel", {"sample_ptr": "*fp32"},
+     {"LOG_SEGMENTS": 3, "S_DTYPE": "bf16", "BLOCK": 1024}, 4, False),
     ("topk_mask", "_classify_kernel", {"sample_ptr": "*fp32", "cand_key_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("topk_mask", "_classify_kernel", {"sample_ptr": "*fp32", "cand_key_ptr": "*i32"},
-     {"LOG_SEGMENTS": 0, "S_DTYPE": "fp16", "BLOCK": 4096, "ALIGNED": False}, 8),
+     {"LOG_SEGMENTS": 0, "S_DTYPE": "fp16", "BLOCK": 4096, "ALIGNED": False}, 8, False),
     ("topk_mask", "_radix_pass_kernel", {"cand_key_ptr": "*i32"},
-     {"READ_CANDIDATES": True, "LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"READ_CANDIDATES": True, "LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("topk_mask", "_radix_pass_kernel", {"cand_key_ptr": "*i32"},
-     {"READ_CANDIDATES": False, "LOG_SEGMENTS": 2, "S_DTYPE": "bf16", "BLOCK": 64, "ALIGNED": False}, 4),
-    ("topk_mask", "_tie_gather_kernel", {"cand_key_ptr": "*i32"}, {"BLOCK": 4096}, 8),
+     {"READ_CANDIDATES": False, "LOG_SEGMENTS": 2, "S_DTYPE": "bf16", "BLOCK": 64, "ALIGNED": False}, 4, False),
+    ("topk_mask", "_tie_gather_kernel", {"cand_key_ptr": "*i32"}, {"BLOCK": 4096}, 8, False),
     ("topk_mask", "_tie_count_kernel", {"counts_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("topk_mask", "_mask_write_kernel", {"words_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp16", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp16", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("fisher_topk", "_sample_fisher_kernel", {"sample_ptr": "*fp32"},
-     {"LOG_SEGMENTS": 2, "G_DTYPE": "bf16", "BLOCK": 1024}, 4),
+     {"LOG_SEGMENTS": 2, "G_DTYPE": "bf16", "BLOCK": 1024}, 4, False),
     ("fisher_topk", "_fisher_classify_kernel", {"sample_ptr": "*fp32", "cand_key_ptr": "*i32"},
-     {"LOG_SEGMENTS": 2, "G_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"LOG_SEGMENTS": 2, "G_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("fisher_accumulate", "_fisher_accumulate_kernel", {},
-     {"LOG_SEGMENTS": 3, "G_DTYPE": "bf16", "BLOCK": 4096, "ALIGNED": True}, 8),
+     {"LOG_SEGMENTS": 3, "G_DTYPE": "bf16", "BLOCK": 4096, "ALIGNED": True}, 8, True),
     ("masked_accumulate", "_masked_accumulate_kernel", {"row_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "G_DTYPE": "bf16", "A_DTYPE": "fp32", "BLOCK": 1024, "ALIGNED": True}, 4),
+     {"LOG_SEGMENTS": 3, "G_DTYPE": "bf16", "A_DTYPE": "fp32", "BLOCK": 1024, "ALIGNED": True}, 4, True),
     ("masked_accumulate", "_masked_accumulate_tasks_kernel", {"words_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "G_DTYPE": "fp32", "A_DTYPE": "fp32", "BLOCK": 1024, "ALIGNED": True}, 4),
+     {"LOG_SEGMENTS": 3, "G_DTYPE": "fp32", "A_DTYPE": "fp32", "BLOCK": 1024, "ALIGNED": True}, 4, True),
     ("masked_grad_average", "_masked_grad_average_kernel", {"words_ptr": "*i32"},
-     {"SELECTED": True, "LOG_SEGMENTS": 3, "G_DTYPE": "fp32", "O_DTYPE": "bf16", "BLOCK": 1024, "ALIGNED": True}, 4),
+     {"SELECTED": True, "LOG_SEGMENTS": 3, "G_DTYPE": "fp32", "O_DTYPE": "bf16", "BLOCK": 1024, "ALIGNED": True},
+     4, True),
     ("linear_fisher", "_linear_fisher_kernel",
      {"g_ptr": "*fp16", "a_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32"},
-     {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "STEPS": 4, "PRECISION": "tf32x3"}, (8, 3)),
+     {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "STEPS": 4, "PRECISION": "tf32x3"},
+     (8, 3), False),
     ("masked_matmul_accumulate", "_masked_matmul_accumulate_kernel",
      {"acc_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "words_ptr": "*i32"},
-     {"A_DTYPE": "fp32", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8),
+     {"A_DTYPE": "fp32", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, False),
 ]  # fmt: skip
 
 AOT_SCRIPT = """
@@ -304,7 +307,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 specs = json.loads(sys.argv[1])
-for module, name, pointers, constexprs, options in specs:
+for module, name, pointers, constexprs, options, vector in specs:
     fn = getattr(importlib.import_module("fsmtl_kernels.triton." + module), name)
     dtypes = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     consts = {k: dtypes[v] if k.endswith("DTYPE") else v for k, v in constexprs.items()}
@@ -317,7 +320,8 @@ for module, name, pointers, constexprs, options in specs:
     warps, stages = options if isinstance(options, list) else (options, 3)
     kernel = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": warps, "num_stages": stages})
-    assert kernel.asm["ptx"], name
+    ptx = kernel.asm["ptx"]
+    assert not vector or ".global.v4" in ptx, f"{name}: no 128-bit global access (alignment hints lost)"
 print("compiled", len(specs))
 """
 

@@ -33,11 +33,19 @@ COLUMNS = tl.constexpr(5)
 
 
 @triton.jit
-def _fisher_row(table_ptr, seg, G_DTYPE: tl.constexpr):
+def _fisher_row(table_ptr, seg, G_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row ``seg``: typed pointers, n, first block, first position. The alignment hints are set
+    here, on the loads that define the values (a hint on a helper's result is lost when the helper
+    is inlined: no 128-bit accesses, checked in the PTX for sm_90)."""
     row = table_ptr + seg * COLUMNS
     f_ptr = tl.load(row).to(tl.pointer_type(tl.float32))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(G_DTYPE))
-    return f_ptr, g_ptr, tl.load(row + 2), tl.load(row + 3), tl.load(row + 4)
+    n = tl.load(row + 2)
+    if ALIGNED:
+        f_ptr = tl.multiple_of(f_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        n = tl.multiple_of(n, 8)
+    return f_ptr, g_ptr, n, tl.load(row + 3), tl.load(row + 4)
 
 
 @triton.jit
@@ -59,7 +67,7 @@ def _sample_fisher_kernel(
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     pos = (j * stride) % total
     seg = _utils.find_segment(table_ptr + 4, COLUMNS, n_segments, pos, LOG_SEGMENTS)
-    _f, g_ptr, n, _first, start = _fisher_row(table_ptr, seg, G_DTYPE)
+    _f, g_ptr, n, _first, start = _fisher_row(table_ptr, seg, G_DTYPE, False)
     local = pos - start
     inside = (j < n_sample) & (local >= 0) & (local < n)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -104,11 +112,7 @@ def _fisher_classify_kernel(
     for i in range(tl.cdiv(n_blocks - pid, step)):
         block = pid + i * step
         seg = _utils.find_segment(table_ptr + 3, COLUMNS, n_segments, block, LOG_SEGMENTS)
-        f_ptr, g_ptr, n, first, pos0 = _fisher_row(table_ptr, seg, G_DTYPE)
-        if ALIGNED:
-            f_ptr = tl.multiple_of(f_ptr, 16)
-            g_ptr = tl.multiple_of(g_ptr, 16)
-            n = tl.multiple_of(n, 8)
+        f_ptr, g_ptr, n, first, pos0 = _fisher_row(table_ptr, seg, G_DTYPE, ALIGNED)
         local = block - first
         offs = local * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
