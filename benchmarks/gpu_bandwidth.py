@@ -108,8 +108,8 @@ def row(name: str, p: int, ms: float, n_bytes: int | None, peers: dict[str, floa
 #: ``linear_fisher`` settings timed beside the default: (label, tile sizes, GPU options).
 LINEAR_CONFIGS = [
     ("ieee-64x64x32", (64, 64, 32), {"precision": "ieee", "steps": 1, "num_warps": 4, "num_stages": 2}),
-    ("tf32x3-64x64x32", (64, 64, 32), {"precision": "tf32x3", "steps": 4, "num_warps": 4, "num_stages": 3}),
-    ("tf32x3-128x128x32", (128, 128, 32), {"precision": "tf32x3", "steps": 2, "num_warps": 8, "num_stages": 3}),
+    ("tf32x3-64x64x32-steps2", (64, 64, 32), {"precision": "tf32x3", "steps": 2, "num_warps": 4, "num_stages": 3}),
+    ("tf32x3-128x128x32-steps4", (128, 128, 32), {"precision": "tf32x3", "steps": 4, "num_warps": 8, "num_stages": 3}),
 ]
 
 
@@ -369,6 +369,17 @@ def main(argv: list[str] | None = None) -> int:
                     bench_topk_mask, p, ratio, device, args.repeats, dtype, slow_peers=not args.check,
                     name=f"topk_mask[k={ratio:.0%},{dtype}]",
                 )  # fmt: skip
+        if wanted("topk_mask") and torch.float32 in dtypes and 0.5 in ratios:
+            # The other top-K block size, for the choice of GPU_BLOCKS["topk"].
+            other = 4096 if _utils.GPU_BLOCKS["topk"] != 4096 else 2048
+            default_block, _utils.GPU_BLOCKS["topk"] = _utils.GPU_BLOCKS["topk"], other
+            try:
+                extra = guarded(bench_topk_mask, p, 0.5, device, args.repeats, slow_peers=False, name="topk_mask")
+            finally:
+                _utils.GPU_BLOCKS["topk"] = default_block
+            for r in extra:
+                r["kernel"] += f"[block={other}]"
+            rows += extra
         if wanted("fisher_topk"):
             rows += guarded(bench_fisher_topk, p, 0.5, device, args.repeats, name="fisher_topk")
     if wanted("linear_fisher"):

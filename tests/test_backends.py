@@ -266,7 +266,7 @@ AOT_KERNELS = [
     ("topk_mask", "_sample_kernel", {"sample_ptr": "*fp32"},
      {"LOG_SEGMENTS": 3, "S_DTYPE": "bf16", "BLOCK": 1024}, 4, False),
     ("topk_mask", "_classify_kernel", {"sample_ptr": "*fp32", "cand_key_ptr": "*i32"},
-     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 4096, "ALIGNED": True}, 8, True),
+     {"LOG_SEGMENTS": 3, "S_DTYPE": "fp32", "BLOCK": 2048, "ALIGNED": True}, 8, True),
     ("topk_mask", "_classify_kernel", {"sample_ptr": "*fp32", "cand_key_ptr": "*i32"},
      {"LOG_SEGMENTS": 0, "S_DTYPE": "fp16", "BLOCK": 4096, "ALIGNED": False}, 8, False),
     ("topk_mask", "_radix_pass_kernel", {"cand_key_ptr": "*i32"},
@@ -293,11 +293,11 @@ AOT_KERNELS = [
      4, True),
     ("linear_fisher", "_linear_fisher_kernel",
      {"g_ptr": "*fp16", "a_ptr": "*fp32", "wf_ptr": "*fp32", "bf_ptr": "*fp32"},
-     {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "STEPS": 4, "PRECISION": "tf32x3"},
-     (8, 3), False),
+     {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "STEPS": 1, "PRECISION": "tf32x3"},
+     (8, 2), False),
     ("masked_matmul_accumulate", "_masked_matmul_accumulate_kernel",
      {"acc_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "words_ptr": "*i32"},
-     {"A_DTYPE": "fp32", "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, 8, False),
+     {"A_DTYPE": "fp32", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 8, False),
 ]  # fmt: skip
 
 AOT_SCRIPT = """

@@ -41,8 +41,10 @@ TL_DTYPES = {
 #: blocks to cross block boundaries) with ``monkeypatch.setitem``.
 #: On an H100 (triton 3.6, P = 1e8, fp32) Fisher accumulation reached 86% of copy bandwidth with
 #: 4096-entry blocks against 77% with 2048, and the masked average 73% with 1024 against 66-71%
-#: with 2048 (and 14% with 4096): benchmarks/results/gpu-bandwidth-h100-2026-11-25*.json.
-GPU_BLOCKS = {"fisher": 4096, "average": 1024, "topk": 4096, "linear": (128, 128, 32)}
+#: with 2048 (and 14% with 4096): benchmarks/results/gpu-bandwidth-h100-2026-11-25*.json. The top-K's
+#: classifying pass takes 113 registers per thread at 2048 entries and 8 warps (sm_90, triton 3.9),
+#: so two programs fit on an SM; at 4096 one (166 registers).
+GPU_BLOCKS = {"fisher": 4096, "average": 1024, "topk": 2048, "linear": (128, 128, 32)}
 INTERPRETER_BLOCKS = {"fisher": 8192, "average": 8192, "topk": 8192, "linear": (64, 64, 64)}
 
 _TABLE_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()

@@ -106,9 +106,9 @@ def _fisher_classify_kernel(
     st = state_ptr + task * tk.NS
     lo, hi = tk._bracket(st, sample_ptr + task * n_sample)
     cap = tl.load(st + tk.CAP)
-    n_gt = tl.zeros([BLOCK], dtype=tl.int32)
-    n_hi = tl.zeros([BLOCK], dtype=tl.int32)
-    n_lo = tl.zeros([BLOCK], dtype=tl.int32)
+    n_gt = tl.zeros([], dtype=tl.int64)
+    n_hi = tl.zeros([], dtype=tl.int64)
+    n_lo = tl.zeros([], dtype=tl.int64)
     for i in range(tl.cdiv(n_blocks - pid, step)):
         block = pid + i * step
         seg = _utils.find_segment(table_ptr + 3, COLUMNS, n_segments, block, LOG_SEGMENTS)
@@ -117,10 +117,9 @@ def _fisher_classify_kernel(
         offs = local * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         f = accumulate_block(f_ptr, g_ptr, n, offs, mask, n_samples, scale, False, BLOCK)
-        key = tk._order_keys(f).to(tl.int64)
         above, at_hi, at_lo = tk._classify_block(
-            st, key, mask, f, pos0 + offs, pos0 + local * BLOCK, lo, hi, cap,
-            cand_key_ptr + task * cap_stride, cand_pos_ptr + task * cap_stride,
+            st, f, mask, pos0 + local * BLOCK, lo, hi, cap,
+            cand_key_ptr + task * cap_stride, cand_pos_ptr + task * cap_stride, BLOCK,
         )  # fmt: skip
         n_gt += above
         n_hi += at_hi

@@ -12,7 +12,7 @@ operands once per tile row/column plus a read and a write of the Fisher; it is c
 On the GPU the products run on the tensor cores as three TF32 products (``tf32x3``: the operands
 split into a TF32 head and a TF32 tail, the tail-times-tail term dropped), about float32's
 accuracy: on an H100 the float32 FMA path (``ieee``, 64 x 64 tiles) took 4.4 ms at 4096^3 where
-cuBLAS's float32 GEMM on the squared operands took 2.9 ms. :data:`GPU_OPTIONS` holds the GPU
+cuBLAS's float32 GEMM on the squared operands took 2.9 ms (triton 3.6). :data:`GPU_OPTIONS` holds the GPU
 settings (``benchmarks/gpu_bandwidth.py`` times the alternatives); their speed on a GPU has not
 been measured yet.
 
@@ -31,7 +31,9 @@ from . import _utils
 #: GPU settings: ``precision`` of ``tl.dot`` ("tf32x3" or "ieee"), ``steps`` of ``BLOCK_K`` samples
 #: summed in one dot accumulator before the compensated add, warps and pipeline stages. Under the
 #: interpreter: one step, 4 warps (the interpreter computes every precision in float32).
-GPU_OPTIONS = {"precision": "tf32x3", "steps": 4, "num_warps": 8, "num_stages": 3}
+#: Compiled for sm_90 (triton 3.9, cuobjdump): 128 x 128 tiles spill least with one step per
+#: compensated add and 2 stages (304 bytes of stack; 4 steps and 3 stages: 1384).
+GPU_OPTIONS = {"precision": "tf32x3", "steps": 1, "num_warps": 8, "num_stages": 2}
 
 
 @triton.jit

@@ -83,6 +83,11 @@ def masked_matmul_accumulate_forward(acc, a, b, words, word_offset, first_task) 
         return
     words = words.contiguous()
     block_m, block_n, block_k = _utils.block_size("linear")
+    if not _utils.is_interpreter():
+        # Two float32 tiles per program (the sum and a task's product, FMA path): compiled for sm_90
+        # (triton 3.9), 64 x 64 tiles with 8 warps hold them in registers (48 bytes of stack), where
+        # 128 x 128 tiles spilled 2720 bytes and 64 x 64 with 4 warps 1320.
+        block_m, block_n = min(block_m, 64), min(block_n, 64)
     grid = (_utils.cdiv(n_out, block_m), _utils.cdiv(n_in, block_n))
     _masked_matmul_accumulate_kernel[grid](
         acc,
@@ -105,8 +110,7 @@ def masked_matmul_accumulate_forward(acc, a, b, words, word_offset, first_task) 
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        # Two [BLOCK_M, BLOCK_N] tiles live per program (the sum and a task's product).
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        num_warps=8 if block_m * block_n >= 64 * 64 else 4,
     )
 
 
