@@ -218,7 +218,7 @@ def test_fit_shows_plain_progress_lines_by_default(capsys):
     x, ys = data()
     trainer = fsmtl.Trainer(net, TASKS, fsmtl.EqualWeighting(), torch.optim.SGD(net.parameters(), 0.1))
     trainer.fit(Split([x] * 3, ys), epochs=2, batch_size=16)
-    assert "fit: done, 8 steps in" in capsys.readouterr().err  # not a terminal here: plain lines
+    assert "fit: done, 8/8 steps in" in capsys.readouterr().err  # not a terminal here: plain lines
     trainer.fit(Split([x] * 3, ys), epochs=1, batch_size=16, progress=None)
     assert capsys.readouterr().err == ""
 

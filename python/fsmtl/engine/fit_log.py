@@ -20,30 +20,61 @@ from pathlib import Path
 
 
 class FitProgress:
-    """The default progress of ``fit``: a bar on a terminal, plain lines elsewhere.
+    """A progress display of a stretch of training steps: a ``tqdm`` bar on a terminal, plain lines
+    elsewhere (one at the start with ``announce``, one every ``log_every`` seconds, one at the end
+    with the time spent in each phase). ``fit``'s default, and each run's bar of ``fsmtl run``.
 
     Args:
-        total: the steps ``fit`` will train.
+        total: the steps it will count (None: unknown).
+        label: what the lines (and the bar) are called.
         stream: where it goes (stderr by default).
+        tty: a bar (True) or plain lines (False); by default, whether ``stream`` is a terminal
+            (plain lines also without the optional ``tqdm``).
         log_every: seconds between the plain lines.
+        leave: keep the bar on screen when it closes.
+        announce: a plain line when it starts.
+        order: the phases in the order the closing line lists them (default: as they came).
     """
 
-    def __init__(self, total: int | None, *, stream=None, log_every: float = 60.0) -> None:
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        label: str = "fit",
+        stream=None,
+        tty: bool | None = None,
+        log_every: float = 60.0,
+        leave: bool = False,
+        announce: bool = False,
+        order: tuple[str, ...] = (),
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
-        self.total, self.log_every = total, log_every
+        self.total, self.label, self.log_every, self.order = total, label, log_every, order
         self.steps, self.current = 0, None
-        self.start = self.last = time.perf_counter()
+        self.since = self.start = self.last = time.perf_counter()
+        self.spent: dict[str, float] = {}
         self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
+        if getattr(self.stream, "isatty", lambda: False)() if tty is None else tty:
             try:
                 from tqdm import tqdm
             except ImportError:  # tqdm is an optional extra: plain lines without it
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total, unit="step", file=self.stream, leave=False, dynamic_ncols=True)
+                self.bar = tqdm(total=total, desc=label, unit="step", file=self.stream, leave=leave, mininterval=0.5,
+                                dynamic_ncols=True)  # fmt: skip
+        if self.bar is None and announce:
+            self._line(f"started, {total} steps")
+
+    def _line(self, text: str) -> None:
+        print(f"{self.label}: {text}", file=self.stream, flush=True)
 
     def phase(self, name: str) -> None:
-        self.current = name
+        if name == self.current:
+            return
+        now = time.perf_counter()
+        if self.current is not None:
+            self.spent[self.current] = self.spent.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
         if self.bar is not None:
             self.bar.set_postfix_str(name)
 
@@ -55,16 +86,17 @@ class FitProgress:
         now = time.perf_counter()
         if now - self.last >= self.log_every:
             self.last = now
-            total = f"/{self.total}" if self.total is not None else ""
-            print(f"fit: {self.steps}{total} steps, {self.current or 'training'}, {now - self.start:.0f} s",
-                  file=self.stream, flush=True)  # fmt: skip
+            self._line(f"{self.steps}/{self.total} steps, {self.current or 'training'}, {now - self.start:.0f} s")
 
     def close(self) -> None:
+        self.phase("done")
+        elapsed = time.perf_counter() - self.start
         if self.bar is not None:
             self.bar.close()
-        elif self.steps:
-            print(f"fit: done, {self.steps} steps in {time.perf_counter() - self.start:.1f} s", file=self.stream,
-                  flush=True)  # fmt: skip
+            return
+        names = [n for n in self.order if n in self.spent] + [n for n in self.spent if n not in self.order]
+        parts = ", ".join(f"{name} {self.spent[name]:.1f} s" for name in names)
+        self._line(f"done, {self.steps}/{self.total} steps in {elapsed:.1f} s" + (f" ({parts})" if parts else ""))
 
 
 class FitLog:

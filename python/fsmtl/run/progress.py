@@ -10,8 +10,9 @@ each phase.
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from ..engine.fit_log import FitProgress
 
 PHASES = ("setup", "warm-up", "mask update", "training", "evaluation")
 
@@ -39,56 +40,11 @@ class Progress:
         return RunProgress(self, f"[{self.started}/{self.n_runs}] {label}", total)
 
 
-class RunProgress:
+class RunProgress(FitProgress):
     """One run's progress: ``update(n)`` per training step (what :meth:`fsmtl.Trainer.fit` calls),
     ``phase(name)`` when the run's phase changes, ``close()`` at its end."""
 
     def __init__(self, owner: Progress, label: str, total: int) -> None:
-        self.owner, self.label, self.total = owner, label, total
-        self.steps = 0
-        self.current = None
-        self.since = self.start = time.perf_counter()
-        self.last_line = self.start
-        self.spent: dict[str, float] = {}
-        self.bar = None
-        if owner.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, desc=label, unit="step", file=owner.stream, leave=True, mininterval=0.5, dynamic_ncols=True
-            )
-        else:
-            self._line(f"started, {total} steps")
+        super().__init__(total, label=label, stream=owner.stream, tty=owner.tty, log_every=owner.log_every,
+                         leave=True, announce=True, order=PHASES)  # fmt: skip
         self.phase("setup")  # building the model and strategy, checking the data
-
-    def _line(self, text: str) -> None:
-        print(f"{self.label}: {text}", file=self.owner.stream, flush=True)
-
-    def phase(self, name: str) -> None:
-        if name == self.current:
-            return
-        now = time.perf_counter()
-        if self.current is not None:
-            self.spent[self.current] = self.spent.get(self.current, 0.0) + now - self.since
-        self.current, self.since = name, now
-        if self.bar is not None:
-            self.bar.set_postfix_str(name)
-
-    def update(self, n: int = 1) -> None:
-        self.steps += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last_line >= self.owner.log_every:
-            self.last_line = now
-            self._line(f"{self.steps}/{self.total} steps, {self.current or 'training'}, {now - self.start:.0f} s")
-
-    def close(self) -> None:
-        self.phase("done")
-        elapsed = time.perf_counter() - self.start
-        if self.bar is not None:
-            self.bar.close()
-            return
-        parts = ", ".join(f"{name} {self.spent[name]:.1f} s" for name in PHASES if name in self.spent)
-        self._line(f"done, {self.steps}/{self.total} steps in {elapsed:.1f} s ({parts})")
