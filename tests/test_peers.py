@@ -92,9 +92,8 @@ def min_norm_2(g1, g2):
     return torch.stack([a, 1 - a])
 
 
-@pytest.mark.parametrize(
-    "normalization, heads", [("none", "unweighted"), ("loss+", "weighted"), ("l2", "weighted"), ("loss", "unweighted")]
-)
+@pytest.mark.parametrize("heads", ["weighted", "unweighted"])
+@pytest.mark.parametrize("normalization", ["loss+", "l2", "loss", "none"])
 def test_mgda_ub_uses_representation_gradients(normalization, heads):
     """The min-norm weights of the normalised representation gradients (the authors'
     ``gradient_normalizers``), the trunk through Z with the raw gradients, heads a_t-weighted or not."""

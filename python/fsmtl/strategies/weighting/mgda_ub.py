@@ -25,7 +25,7 @@ class MGDAUB(Strategy):
     convex hull of the representation gradients ``grad_Z L_t`` (``Z``: the trunk's output), found
     by the weighting of torchjd's MGDA aggregator on the Gramian of the Jacobian ``[T, |Z|]``
     (kept in :attr:`last_weights`). One backward through ``Z`` follows.
-    Heads get their own task gradient.
+    Head t gets ``a_t`` times its task gradient (``heads="weighted"``) or its own gradient.
 
     The trunk output is recorded by a forward hook on ``model.trunk`` (every output of the step
     when the trainer runs one forward per task; task ``t``'s gradient is then taken with respect
