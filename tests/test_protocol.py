@@ -6,6 +6,7 @@ import math
 import statistics
 
 import pytest
+import torch
 
 from fsmtl.data import load_benchmark
 from fsmtl.run import experiment
@@ -237,3 +238,23 @@ def test_fsmtl_run_and_fsmtl_study_choose_and_report_the_same(tmp_path):
     for method in ("mtl", "fs"):
         row = next(r for r in setting["rows"].values() if r["method"] == method and r["chosen"])
         assert row["scores"] == results["methods"][method]["test_score_per_seed"]
+
+
+def test_plateau_schedule_validates_every_epoch_and_reports_the_best_epoch(bench):
+    """``lr_schedule="plateau"`` (qm9-paper's Nash-MTL schedule): a validation per epoch, the
+    learning rate cut after 5 epochs without a lower validation loss, and the best validation
+    epoch's model evaluated; with no schedule, no validation runs during training."""
+    cfg = ExperimentConfig(benchmark="synthetic", methods=("mtl",), epochs=10, hidden=16, lr=0.1, lr_schedule="plateau")
+    run = experiment.train_once(bench, "mtl", 0, 1.0, cfg)
+    history = run["history"]
+    assert [e["epoch"] for e in history["val"]] == list(range(10))
+    best = max(history["val"], key=lambda e: e["score"])
+    assert history["best_epoch"] == best["epoch"] < 9  # so the evaluated model is not the last one
+    for got, want in zip(run["val"], best["metrics"], strict=True):  # the best epoch's model was evaluated
+        assert got == pytest.approx(want)
+    scheduler = experiment.build_lr_scheduler("plateau", torch.optim.Adam([torch.zeros(1, requires_grad=True)], 1e-3))
+    assert (scheduler.mode, scheduler.factor, scheduler.patience, scheduler.min_lrs) == ("min", 0.7, 5, [1e-5])
+    plain = experiment.train_once(bench, "mtl", 0, 1.0, ExperimentConfig(benchmark="synthetic", epochs=2, hidden=16))
+    assert plain["history"]["val"] == []
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        ExperimentConfig(lr_schedule="cosine")

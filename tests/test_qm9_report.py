@@ -146,8 +146,10 @@ def test_presets_the_published_protocol_and_the_cpu_setting():
 
     paper = resolve_settings({"benchmark": "qm9"}, set(), "qm9-paper")
     assert (paper["model"], paper["batch_size"], paper["lr"], paper["epochs"]) == ("mpnn-complete", 120, 1e-3, 300)
+    assert paper["lr_schedule"] == "plateau"  # Nash-MTL's ReduceLROnPlateau and best-validation test
     assert paper["benchmark_options"] == {"n_train": 110000, "n_val": 10000, "n_test": 10000}
     cpu = resolve_settings({"benchmark": "qm9"}, set(), "qm9")
     plain = resolve_settings({"benchmark": "qm9"}, set(), None)  # `fsmtl run --benchmark qm9`
     assert cpu == plain and cpu["model"] == "mpnn" and cpu["benchmark_options"]["n_train"] == 500
-    assert "ReduceLROnPlateau schedule is not applied" in PRESETS["qm9-paper"].sources["lr"]
+    assert "lr_schedule" not in cpu  # a constant rate on the CPU setting
+    assert "factor 0.7, patience 5" in PRESETS["qm9-paper"].sources["lr_schedule"]

@@ -300,6 +300,31 @@ def test_lr_scheduler_per_epoch_and_per_step():
         assert opt.param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def test_reduce_lr_on_plateau_steps_on_each_validation_loss():
+    """The Trainer feeds a ReduceLROnPlateau the validation loss (minus the primary score) after
+    each validation: its learning rates are those of the same scheduler fed the recorded losses."""
+    val = make_split(24, seed=1)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0, threshold=0.05)
+    trainer = fsmtl.Trainer(model, TASKS, EqualWeighting(), opt, scheduler=sched)
+    rates = []
+    for _ in range(5):
+        trainer.fit(make_split(), epochs=1, batch_size=16, val=val)
+        rates.append(opt.param_groups[0]["lr"])
+    replay_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    replay = torch.optim.lr_scheduler.ReduceLROnPlateau(replay_opt, factor=0.5, patience=0, threshold=0.05)
+    expected = []
+    for entry in trainer.history["val"]:
+        replay.step(-entry["score"])
+        expected.append(replay_opt.param_groups[0]["lr"])
+    assert rates == expected and len(set(rates)) > 1  # the rate changed, on the validations' schedule
+    with pytest.raises(ValueError, match="ReduceLROnPlateau scheduler needs validation data"):
+        trainer.fit(make_split(), epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="scheduler_interval must be 'epoch'"):
+        fsmtl.Trainer(model, TASKS, EqualWeighting(), opt, scheduler=sched, scheduler_interval="step")
+
+
 def test_bf16_autocast_runs_the_forward_in_bf16_and_fisher_in_float32():
     trainer = make_trainer(FisherSparse(0.5, samples=16, schedule=MaskSchedule(1, 1)), amp="bf16")  # in turns
     seen = []

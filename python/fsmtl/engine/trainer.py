@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from .. import collectives
 from ..data import Split, backing_split
@@ -47,8 +48,12 @@ class Trainer:
             each task has its own data (each step draws one batch per task, Algorithm 1 of the
             paper's appendix).
         seed: seeds the batch order (one generator) and the strategy's sampling (another).
-        scheduler: an optional ``torch.optim.lr_scheduler`` over ``optimizer``.
-        scheduler_interval: ``"epoch"`` (``scheduler.step()`` after each epoch) or ``"step"``.
+        scheduler: an optional ``torch.optim.lr_scheduler`` over ``optimizer``. A
+            ``ReduceLROnPlateau`` steps after each validation of ``fit(val=...)`` on the
+            validation loss (minus the mean of the tasks' primary metrics, so "min" mode), and
+            ``fit`` without ``val`` refuses it.
+        scheduler_interval: ``"epoch"`` (``scheduler.step()`` after each epoch) or ``"step"``
+            (not for ``ReduceLROnPlateau``, which needs a validation).
         amp: None, ``"bf16"`` or ``"fp16"``: autocast of the forward (and losses) only; fp16 uses
             a ``GradScaler``. Fisher estimates and masks are always float32 on unscaled losses.
         skip_nonfinite: False raises ``FloatingPointError`` on a NaN/inf task loss; True skips that
@@ -89,6 +94,8 @@ class Trainer:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        if isinstance(scheduler, ReduceLROnPlateau) and scheduler_interval != "epoch":
+            raise ValueError("a ReduceLROnPlateau scheduler steps on validations: scheduler_interval must be 'epoch'")
         if amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {amp!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -260,6 +267,10 @@ class Trainer:
             self._check_count(patience, "patience", 1)
         if (restore_best or patience is not None) and val is None:
             raise ValueError("restore_best and patience need validation data (val=...)")
+        if self._plateau and val is None:
+            raise ValueError(
+                "a ReduceLROnPlateau scheduler needs validation data (val=...): it steps on the validation loss"
+            )
         if checkpoint_unit not in ("epoch", "step"):
             raise ValueError(f"checkpoint_unit must be 'epoch' or 'step', got {checkpoint_unit!r}")
         if checkpoint_every is not None:
@@ -408,6 +419,11 @@ class Trainer:
         if show is not None:
             show(self.strategy.phase)
 
+    @property
+    def _plateau(self) -> bool:
+        """True when the scheduler steps on validation losses (``ReduceLROnPlateau``)."""
+        return isinstance(self.scheduler, ReduceLROnPlateau)
+
     def _checked_loss_values(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The step's only device sync: the loss values (with several ranks, the global batch's),
         checked before anything is updated (a streamed step's gradients are still private to its
@@ -442,7 +458,7 @@ class Trainer:
         val, eval_every, patience = run.val, run.eval_every, run.patience
         mean = self.epoch_totals / max(self.epoch_counted, 1)
         self.history["loss"].append(mean.float().tolist())
-        if self.scheduler is not None and self.scheduler_interval == "epoch":
+        if self.scheduler is not None and self.scheduler_interval == "epoch" and not self._plateau:
             self.scheduler.step()
         epoch = self.epoch
         self.epoch += 1
@@ -457,6 +473,8 @@ class Trainer:
         entry["score"] = score
         self.history["val"].append(entry)
         run.log.validation(entry)
+        if self._plateau:
+            self.scheduler.step(-score)
         if self.history["best_score"] is None or score > self.history["best_score"]:
             self.history["best_score"], self.history["best_epoch"] = score, epoch
             if run.restore_best:

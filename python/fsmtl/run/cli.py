@@ -58,7 +58,7 @@ def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) ->
     from ..data import BENCHMARKS
     from ..models import BACKBONES
     from ..strategies import ARCHITECTURES, METHODS, WEIGHTINGS
-    from .experiment import ExperimentConfig
+    from .experiment import LR_SCHEDULES, ExperimentConfig
     from .presets import PRESETS
 
     d = ExperimentConfig()
@@ -156,6 +156,12 @@ def add_run_arguments(run: argparse.ArgumentParser, *, defaults: bool = True) ->
         help="hide the progress (by default one bar per run on a terminal, plain lines in a log file)",
     )
     run.add_argument("--amp", choices=("bf16", "fp16"), default=D(None), help="mixed precision of the forward pass")
+    run.add_argument(
+        "--lr-schedule",
+        choices=[name for name in LR_SCHEDULES if name is not None],
+        default=D(None),
+        help="plateau: " + LR_SCHEDULES["plateau"] + " (default: a constant learning rate)",
+    )
     run.add_argument(
         "--nproc",
         type=int,

@@ -70,9 +70,12 @@ class RunStore:
         check_same_run(record["fingerprint"], fingerprint, str(path))
         return record["result"]
 
-    def train(self, trainer, train, *, epochs: int, batch_size: int, run_dir: Path, progress=None) -> dict:
+    def train(
+        self, trainer, train, *, epochs: int, batch_size: int, run_dir: Path, progress=None, **fit_options
+    ) -> dict:
         """Resume ``trainer`` from ``run_dir``'s newest checkpoint (if any) and train it up to
-        ``epochs`` epochs in all, checkpointing as configured; returns the history."""
+        ``epochs`` epochs in all, checkpointing as configured; returns the history.
+        ``fit_options``: further :meth:`~fsmtl.Trainer.fit` arguments (validation data)."""
         trainer.resume(run_dir)
         if progress is not None and trainer.global_step:
             progress.update(trainer.global_step)
@@ -85,6 +88,7 @@ class RunStore:
             checkpoint_unit=self.unit,
             keep_last=self.keep_last,
             progress=progress,
+            **fit_options,
         )
 
     def finish(self, run_dir: Path, result: dict, fingerprint: dict) -> dict:

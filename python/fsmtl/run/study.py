@@ -55,6 +55,9 @@ from .units import format_unit_table
 CONFIG_FIELDS = {f.name for f in fields(ExperimentConfig)}
 GRID_KEYS = CONFIG_FIELDS | {"curve"}
 PROTOCOL_KEYS = {"seeds", "select_seeds", "methods", "keep_ratios"}
+#: Settings added after studies were recorded, with the value that trains as before they existed:
+#: at that value they stay out of a cell's identity, so the recorded cells keep their names.
+ADDED_SETTINGS = {"lr_schedule": None}
 
 
 def load_spec(path) -> dict:
@@ -122,7 +125,11 @@ def _cell_id(cfg: ExperimentConfig, method: str, keep_ratio: float, seed: int) -
     """Every training setting of the run, resolved (so a changed default is a new cell), without
     the protocol's lists (methods, keep ratios, seeds): the same run is the same cell in every
     study that declares it."""
-    key = {k: v for k, v in asdict(cfg).items() if k not in PROTOCOL_KEYS}
+    key = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in PROTOCOL_KEYS and not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])
+    }
     key = json.dumps({**key, "method": method, "keep_ratio": keep_ratio, "seed": seed}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
