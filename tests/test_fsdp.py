@@ -1,7 +1,8 @@
 """FSMTL on FSDP2 (``fully_shard``), 2 and 3 gloo ranks spawned here with a timeout: masks equal on
 every rank and to one process's, parameters equal to one process's within float tolerance, one
 reduce-scatter per FSDP group per step (as plain FSDP2), a sharded checkpoint resumed bit for bit,
-a full per-task sparse model exported, and what cannot run on shards refused before training."""
+a full per-task sparse model exported, the in-turns update (FS's default) on shards, and what cannot
+run on shards refused before training."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def refusals() -> list[str]:
         lambda: trainer_with(fsmtl.FisherSparse(0.3, mask_forward=True, update="average")),
         lambda: trainer_with(fsmtl.FisherSparse(0.3, update="average"), amp="bf16"),
         lambda: trainer_with(fsmtl.FisherSparse(0.3, update="average"), homogeneous=False),
-        lambda: trainer_with(fsmtl.FisherSparse(0.3)),
+        lambda: trainer_with(fsmtl.FisherSparse(0.3)),  # in turns: runs on shards
     ]
     messages = []
     for case in cases:
@@ -95,7 +96,7 @@ def _worker(rank: int, size: int, out: str) -> None:
     calls = collections.Counter()
     counting(calls)
     results = {}
-    for method in ("fs-avg", "mtl"):
+    for method in ("fs-avg", "mtl", "fs", "mtl-turns"):
         calls.clear()
         run = trainer(True, method)
         run.fit(split(), epochs=EPOCHS, batch_size=BATCH, progress=None)
@@ -135,6 +136,17 @@ def ranks(request, tmp_path_factory):
     return size, parts, single
 
 
+@pytest.fixture(scope="module")
+def in_turns_single(ranks):
+    """One process's in-turns runs (FS by default, MTL-turns) with the global batch of ``ranks``."""
+    size = ranks[0]
+    out = {}
+    for method in ("fs", "mtl-turns"):
+        out[method] = trainer(False, method)
+        out[method].fit(split(), epochs=EPOCHS, batch_size=BATCH * size, progress=None)
+    return out
+
+
 def test_masks_are_equal_on_every_rank_and_to_one_process(ranks):
     size, parts, single = ranks
     for part in parts:
@@ -147,6 +159,28 @@ def test_parameters_follow_one_process_with_the_global_batch(ranks):
     for part in parts:
         for a, b in zip(part["fs-avg"]["params"], single.model.parameters(), strict=True):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fs", "mtl-turns"])
+def test_in_turns_updates_on_shards_follow_one_process(ranks, in_turns_single, method):
+    """FS's default update on homogeneous tasks (in turns: one masked update per task) and its dense
+    counterpart, on shards: the same masks as one process, parameters within float tolerance, and
+    the reduce-scatters of one plain FSDP2 backward per task update."""
+    size, parts, _ = ranks
+    single = in_turns_single[method]
+    assert single.strategy.in_turns
+    for part in parts:
+        run = part[method]
+        if method == "fs":
+            assert torch.equal(run["mask"], single.strategy.mask.words)
+        for a, b in zip(run["params"], single.model.parameters(), strict=True):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        # Each task's update is one plain FSDP2 backward of its loss: the dense in-turns run's count,
+        # the same for every task update of every step.
+        assert run["reduce_scatters"] == part["mtl-turns"]["reduce_scatters"]
+        assert run["reduce_scatters"] % (run["steps"] * len(TASKS)) == 0
+    changed = [not torch.equal(a, b) for a, b in zip(parts[0][method]["params"], model(False).parameters())]
+    assert all(changed)  # every parameter trained (each head in its own turn)
 
 
 def test_one_reduce_scatter_per_fsdp_group_per_step_as_plain_fsdp(ranks):
@@ -181,7 +215,7 @@ def test_what_cannot_run_on_shards_is_refused_before_training(ranks):
     assert "mask_forward" in messages[3]
     assert "mp_policy" in messages[4]
     assert "homogeneous" in messages[5]
-    assert "in turns" in messages[6] and "fs-avg" in messages[6]
+    assert messages[6] == "no error"
 
 
 def test_fsmtl_run_parallel_fsdp_trains_on_two_processes_and_refuses_what_cannot_run(tmp_path):
@@ -196,9 +230,9 @@ def test_fsmtl_run_parallel_fsdp_trains_on_two_processes_and_refuses_what_cannot
     alone = subprocess.run([*base, "--methods", "mtl", "--out", str(tmp_path / "a")], env=env, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert alone.returncode == 2 and "add --nproc N" in alone.stderr.strip().splitlines()[-1]
-    done = subprocess.run([*base, "--nproc", "2", "--methods", "mtl,fs-avg", "--out", str(tmp_path / "b")], env=env,
+    done = subprocess.run([*base, "--nproc", "2", "--methods", "mtl,fs", "--out", str(tmp_path / "b")], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert results["parallel"] == "fsdp" and results["distributed"]["world_size"] == 2
-    assert results["methods"]["fs-avg"]["mask_used"]
+    assert results["methods"]["fs"]["mask_used"]  # FS in turns, its default here

@@ -11,6 +11,11 @@ holding it) for masked parameters, ``g_t / T`` for the other trunk parameters. H
 their own task's gradient. The last pass reduce-scatters the accumulated sums: one reduce-scatter
 per FSDP group per step, as a plain FSDP2 backward. Memory: the full packed masks (``T x P`` bits)
 and, per hook call, one parameter's mask unpacked.
+
+Updating the tasks in turns (:func:`sharded_task_backward`) needs no hook: each task's update is a
+plain FSDP2 backward of its loss (one reduce-scatter per group, as each of T plain steps), and
+masking commutes with the reduction (``sum_r S_t * g_r = S_t * sum_r g_r``, entry by entry, bit
+for bit), so each rank masks its reduced gradient shard with its rows of ``S_t``.
 """
 
 from __future__ import annotations
@@ -83,3 +88,37 @@ def sharded_masked_backward(
             h.remove()
         model.set_requires_gradient_sync(True)
         model.set_reshard_after_backward(True)
+
+
+def sharded_task_backward(model, loss: torch.Tensor, task_mask: Sequence[torch.Tensor] | None) -> None:
+    """Write the sharded ``.grad`` of one task's own update in turns on ``model`` (sharded with
+    FSDP2): ``S_t * g_t`` on the masked trunk parameters (``g_t`` when ``task_mask`` is None),
+    ``g_t`` on the densely shared ones and on the task's head (the only head its loss reaches).
+
+    ``task_mask``: one full-size bool tensor per masked trunk parameter (``S_t``'s rows), the same
+    on every rank; each rank keeps the part that matches its gradient shard."""
+    loss.backward()
+    if task_mask is None:
+        return
+    with torch.no_grad():
+        for p, keep in zip(model.masked_parameters(), task_mask, strict=True):
+            if p.grad is not None:
+                local = p.grad.to_local()
+                local.masked_fill_(~local_rows(keep, p), 0)
+
+
+def local_rows(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's part of ``full`` (shaped like the DTensor ``param``), as FSDP2 shards
+    ``param`` on dim 0: ``torch.chunk`` over the mesh, ranks past the last chunk holding none."""
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise ValueError(f"expected a parameter sharded on dim 0 over one mesh dimension, got {param.placements}")
+    mesh = param.device_mesh
+    chunks = torch.chunk(full, mesh.size(), dim=0)
+    rank = mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full.new_empty((0, *full.shape[1:]))
+    expected = param.to_local().shape
+    if part.shape != expected:
+        raise ValueError(f"the mask's local part has shape {tuple(part.shape)}, the local shard {tuple(expected)}")
+    return part.to(param.device)

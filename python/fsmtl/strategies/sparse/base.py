@@ -191,11 +191,6 @@ class SparseStrategy(Strategy):
         return self.fsmtl.open_backward_stream()
 
     def sharding_unsupported(self) -> str | None:
-        if self.in_turns:
-            return (
-                "updating the tasks in turns takes each task's gradient of the sharded parameters: use the averaged "
-                "update (fs-avg, FisherSparse(update='average'))"
-            )
         if self.mask_forward:
             return "mask_forward runs each task's forward on S_t * theta, which FSDP's sharded parameters do not allow"
         if self.freeze_unselected:

@@ -22,6 +22,7 @@ import torch
 import fsmtl_kernels as fk
 
 from ...estimators import ESTIMATORS
+from ...gradients.sharded import sharded_task_backward
 from ..method import Method
 from .base import SparseStrategy
 
@@ -96,7 +97,11 @@ UPDATES = ("paper", "average", "turns")
 
 def task_backward(model, t: int, loss: torch.Tensor, mask: Sequence[torch.Tensor] | None) -> None:
     """Write ``.grad`` for one task's update: ``S_t * g_t`` on the masked trunk parameters (``g_t``
-    without a mask), ``g_t`` on the densely shared ones and on head t; other heads get no gradient."""
+    without a mask), ``g_t`` on the densely shared ones and on head t; other heads get no gradient.
+    A model sharded with FSDP2 takes :func:`fsmtl.gradients.sharded.sharded_task_backward`."""
+    if model.is_sharded:  # FSDP2: a plain backward, then each rank masks its reduced shards
+        sharded_task_backward(model, loss, mask)
+        return
     masked = model.masked_parameters()
     dense = model.dense_shared_parameters()
     head = [p for p in model.heads[t].parameters() if p.requires_grad]

@@ -121,9 +121,6 @@ class FisherSparseInTurns(FisherSparseVariant):
         super().__init__(keep_ratio, **kwargs)
         self._turn_masks: tuple[fk.PackedMask, list[list[torch.Tensor]]] | None = None  # (mask, per task)
 
-    def sharding_unsupported(self) -> str | None:
-        return "updating the tasks in turns takes each task's gradient of the sharded parameters"
-
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
         mask = self.mask
         if mask is not None and (self._turn_masks is None or self._turn_masks[0] is not mask):
@@ -135,9 +132,6 @@ class EqualWeightingInTurns(EqualWeighting):
     """Dense MTL with the tasks updated in turns: each task's full gradient, one update per task."""
 
     in_turns = True
-
-    def sharding_unsupported(self) -> str | None:
-        return "updating the tasks in turns takes each task's gradient of the sharded parameters"
 
     def backward_task(self, t: int, loss: torch.Tensor) -> None:
         task_backward(self.context.model, t, loss, None)
