@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
 from fsmtl.run import study as study_module
 from fsmtl.run.cli import main
+from fsmtl.run.info import machine
 from fsmtl.run.study import expand, load_spec, run_study
 
 SPEC = {
@@ -69,6 +71,8 @@ def test_study_runs_resumes_and_reports(tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     assert "selection seeds 100" in report and "reported on seeds 0, 1" in report
     assert report.count("| FS | ") == 4 and "![curve_1.png](curve_1.png)" in report
+    where = f"{machine()['cpu']}, cpu, {torch.get_num_threads()} torch thread(s): 16 cell(s)"
+    assert first["computed_on"] == [where] and f"Cells computed on: {where}." in report
     for name in ("curve_1.png", "curve_2.png", "per_task_1.png", "study.json"):
         assert (out / name).stat().st_size > 0
     # Finished cells are skipped; a lost cell is the only one trained again.

@@ -47,6 +47,7 @@ from ..strategies import get_method
 from ..tasks import task_kind
 from ..tasks.metrics import METRIC_DIRECTION
 from .experiment import ExperimentConfig, train_once
+from .info import machine
 from .protocol import check_seed_split, run_protocol, score_record
 from .report import method_label
 from .stats import format_p, holm_family, paired_tests, sample_std
@@ -149,18 +150,24 @@ class CellStore:
         ckpt.atomic_write_text(json.dumps(record), self.directory / f"{cell}.json")
 
 
-def _run_cell(store, bench, cfg, method, seed, p, role, *, log) -> dict:
+def _run_cell(store, bench, cfg, method, seed, p, role, *, log, used: list) -> dict:
     cell = _cell_id(cfg, method, p, seed)
     done = store.get(cell)
     if done is not None:
+        used.append(done)
         return done
     started = time.perf_counter()
     run = train_once(bench, method, seed, p, cfg)
+    host = machine(cfg.device)
     record = {
         **score_record(bench.tasks, method, seed, p, role, run),
         "test_per_task": run["test"],
         "seconds": time.perf_counter() - started,
+        # The numbers are bit-reproducible on the same CPU with the same thread count (torch's
+        # CPU kernels may split a reduction by thread), so each cell says where it was computed.
+        "computed_on": {"cpu": host["cpu"], "torch_threads": host["torch_threads"], "device": host["device"]},
     }
+    used.append(record)
     store.put(cell, record)
     log(f"  {method} p={p:g} seed {seed} ({role}): val {record['val_score']:.4f} ({record['seconds']:.0f} s)")
     return record
@@ -178,6 +185,7 @@ def run_study(spec: dict, out, *, log=print) -> dict:
     settings = expand(spec)
     started = time.perf_counter()
     results = []
+    used: list[dict] = []  # the cell records this study reads or computes
     for i, setting in enumerate(settings):
         config = setting["config"]
         cfg = ExperimentConfig(**config)
@@ -185,7 +193,7 @@ def run_study(spec: dict, out, *, log=print) -> dict:
         log(f"setting {i + 1}/{len(settings)}: {setting['label']}")
         methods = {}
         for method in cfg.methods:
-            cell = partial(_run_cell, store, bench, cfg, method, log=log)
+            cell = partial(_run_cell, store, bench, cfg, method, log=log, used=used)
             outcome = run_protocol(
                 method, cfg.keep_ratios, cfg.select_seeds, cfg.seeds, cell, _val_score, curve=setting["curve"]
             )
@@ -204,11 +212,27 @@ def run_study(spec: dict, out, *, log=print) -> dict:
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds_this_invocation": time.perf_counter() - started,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.1f}",
+        "computed_on": computed_on(used),
     }
     ckpt.atomic_write_text(json.dumps(study, indent=1, default=str), out / "study.json")
     figures = plot_study(study, out)
     ckpt.atomic_write_text(format_report(study, figures), out / "report.md")
     return study
+
+
+def computed_on(records: list[dict]) -> list[str]:
+    """Where the cells were computed: one line per (CPU, device, torch threads), with its count of
+    cells (cells written before this was recorded count as "not recorded")."""
+    places: dict[str, int] = {}
+    for record in records:
+        where = record.get("computed_on")
+        label = (
+            f"{where['cpu']}, {where['device']}, {where['torch_threads']} torch thread(s)"
+            if where is not None
+            else "not recorded"
+        )
+        places[label] = places.get(label, 0) + 1
+    return [f"{label}: {n} cell(s)" for label, n in places.items()]
 
 
 def _metric_info(bench) -> tuple[str, bool]:
@@ -327,6 +351,8 @@ def format_report(study: dict, figures: dict) -> str:
         f"Finished {study['finished_at']} on {study['machine']}.",
         "",
     ]
+    if study.get("computed_on"):  # studies written before cells recorded it have none
+        lines += ["Cells computed on: " + "; ".join(study["computed_on"]) + ".", ""]
     for i, s in enumerate(study["settings"]):
         arrow = "lower is better" if not s["higher_is_better"] else "higher is better"
         lines += [f"## {i + 1}. {s['label']}", "", f"Test {s['metric']} ({arrow}), mean over tasks.", ""]
