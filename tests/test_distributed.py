@@ -269,11 +269,12 @@ RUN = [
 TIMEOUT_S = 8  # the collectives' timeout in these jobs (30 s by default)
 
 
-def _job(fault: str, tmp, *, launcher: bool) -> list[subprocess.Popen]:
+def _job(fault: str, tmp, *, launcher: bool, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """``fsmtl run`` on 2 ranks with ``fault`` on rank 1: through ``--nproc 2`` (torch's elastic
-    launcher, one process) or as two processes with torchrun's environment (rank 0 hosts the store)."""
+    launcher, one process) or as two processes with torchrun's environment (rank 0 hosts the store);
+    ``extra``: more options (``--parallel fsdp``)."""
     out = tmp / fault
-    args = [*RUN, "--out", str(out / "out"), "--checkpoint-dir", str(out / "ck")]
+    args = [*RUN, *extra, "--out", str(out / "out"), "--checkpoint-dir", str(out / "ck")]
     env = dict(os.environ, OMP_NUM_THREADS="1", FSMTL_DIST_TIMEOUT=str(TIMEOUT_S), FSMTL_FAULT=f"rank:1:14:{fault}",
                FSMTL_FAULT_MARK=str(tmp / f"{fault}.fired"),
                PYTHONPATH=os.pathsep.join([FAULTS, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
@@ -290,19 +291,12 @@ def _job(fault: str, tmp, *, launcher: bool) -> list[subprocess.Popen]:
     return procs
 
 
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "fsmtl: error:" in line and "[rank" in line]
-
-
-def test_a_failing_rank_ends_the_whole_job_with_one_line_per_rank(tmp_path, capsys):
-    """Under torchrun, rank 1 hangs, is killed (kill -9), raises, or sees a NaN loss at its 14th
-    step; the whole job ends (every process exits non-zero) within the collective timeout plus a
-    few seconds of the fault, far within 60 s; every rank still alive prints one ``fsmtl: error:``
-    line naming rank 1 and the reason; the finished run's result is kept. A resume of that
-    2-process run on one process is refused before training, naming both process counts."""
-    jobs = {"hang": True, "kill": False, "raise": False, "nan": False}  # True: through --nproc 2
-    procs = {fault: _job(fault, tmp_path, launcher=launcher) for fault, launcher in jobs.items()}
-    errors, ended = {}, {}
+def _faulty_jobs(jobs: dict[str, bool], tmp, extra: tuple[str, ...] = ()):
+    """Start every job of ``jobs`` (fault -> through ``--nproc 2``) at once and wait, at most 170 s,
+    for all to end; returns the processes, each job's stderr per process and when each job ended
+    (a job still running then is killed and has no end time)."""
+    procs = {fault: _job(fault, tmp, launcher=launcher, extra=extra) for fault, launcher in jobs.items()}
+    ended = {}
     deadline = time.monotonic() + 170
     try:
         while len(ended) < len(procs) and time.monotonic() < deadline:
@@ -316,26 +310,47 @@ def test_a_failing_rank_ends_the_whole_job_with_one_line_per_rank(tmp_path, caps
             for p in group:
                 if p.poll() is None:
                     p.kill()
+    return procs, errors, ended
+
+
+def _check_the_job_ended(fault: str, group, errors: list[str], ended: dict, tmp, reason: str) -> None:
+    """Every process of the job exited non-zero within the collective timeout plus seconds of the
+    fault; each living rank printed one ``fsmtl: error:`` line with ``reason`` and no traceback;
+    the MTL run that finished before the fault kept its result in the checkpoint directory."""
+    assert all(p.returncode != 0 for p in group), (fault, errors)
+    mark = tmp / f"{fault}.fired"
+    assert mark.exists(), (fault, errors)
+    assert fault in ended, (fault, "still running after 170 s", errors)
+    assert ended[fault] - mark.stat().st_mtime < TIMEOUT_S + 20, (fault, ended[fault] - mark.stat().st_mtime)
+    lines = [line for err in errors for line in _error_lines(err)]
+    living = {"[rank 0/2]"} if fault == "kill" else {"[rank 0/2]", "[rank 1/2]"}
+    assert {re.search(r"\[rank \d/2\]", line).group() for line in lines} == living, (fault, lines)
+    assert len(lines) == len(living), (fault, lines)
+    assert all(reason in line for line in lines), (fault, lines)
+    assert all("Traceback" not in err for err in errors), (fault, errors)
+    assert len(list((tmp / fault / "ck").glob("runs/*/result.pt"))) == 1, fault
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "fsmtl: error:" in line and "[rank" in line]
+
+
+def test_a_failing_rank_ends_the_whole_job_with_one_line_per_rank(tmp_path, capsys):
+    """Under torchrun, rank 1 hangs, is killed (kill -9), raises, or sees a NaN loss at its 14th
+    step; the whole job ends (every process exits non-zero) within the collective timeout plus a
+    few seconds of the fault, far within 60 s; every rank still alive prints one ``fsmtl: error:``
+    line naming rank 1 and the reason; the finished run's result is kept. A resume of that
+    2-process run on one process is refused before training, naming both process counts."""
+    jobs = {"hang": True, "kill": False, "raise": False, "nan": False}  # True: through --nproc 2
+    procs, errors, ended = _faulty_jobs(jobs, tmp_path)
     reasons = {
         "hang": "rank 1 is hung",
         "kill": "rank 1 stopped responding (killed",
         "raise": "rank 1 failed: RuntimeError: injected failure on rank 1",
         "nan": "rank 1 failed: FloatingPointError: non-finite loss nan",
     }
-    for fault, group in procs.items():
-        assert all(p.returncode != 0 for p in group), (fault, errors[fault])
-        mark = tmp_path / f"{fault}.fired"
-        assert mark.exists(), (fault, errors[fault])
-        # The whole job's end, measured from the fault: the collective timeout (for a hang) plus seconds.
-        assert ended[fault] - mark.stat().st_mtime < TIMEOUT_S + 20, (fault, ended[fault] - mark.stat().st_mtime)
-        lines = [line for err in errors[fault] for line in _error_lines(err)]
-        living = {"[rank 0/2]"} if fault == "kill" else {"[rank 0/2]", "[rank 1/2]"}
-        assert {re.search(r"\[rank \d/2\]", line).group() for line in lines} == living, (fault, lines)
-        assert len(lines) == len(living), (fault, lines)
-        assert all(reasons[fault] in line for line in lines), (fault, lines)
-        assert all("Traceback" not in err for err in errors[fault]), (fault, errors[fault])
-        # Nothing finished is lost: the MTL run ended before the fault; its result is in the checkpoint dir.
-        assert len(list((tmp_path / fault / "ck").glob("runs/*/result.pt"))) == 1, fault
+    for fault in procs:
+        _check_the_job_ended(fault, procs[fault], errors[fault], ended, tmp_path, reasons[fault])
     from fsmtl.run.cli import main
 
     capsys.readouterr()
@@ -343,3 +358,14 @@ def test_a_failing_rank_ends_the_whole_job_with_one_line_per_rank(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert err.startswith("fsmtl: error:") and len(err.splitlines()) == 1, err
     assert "trained on 2 process(es)" in err and "this one runs on 1" in err and "--nproc 2" in err, err
+
+
+def test_a_hung_or_killed_rank_ends_a_sharded_job(tmp_path):
+    """The same faults under ``--parallel fsdp`` (FSDP2; FS in turns): rank 1 hangs (through
+    ``--nproc 2``) or is killed (two processes) at its 14th step; the whole job ends within the
+    collective timeout plus a few seconds of the fault, every living rank says why in one line, and
+    the MTL run finished before the fault is kept."""
+    procs, errors, ended = _faulty_jobs({"hang": True, "kill": False}, tmp_path, extra=("--parallel", "fsdp"))
+    reasons = {"hang": "rank 1 is hung", "kill": "rank 1 stopped responding (killed"}
+    for fault in procs:
+        _check_the_job_ended(fault, procs[fault], errors[fault], ended, tmp_path, reasons[fault])
