@@ -240,7 +240,7 @@ def setup(method: str, model: nn.Module, x: torch.Tensor) -> Callable[[], dict[s
                 }
             )
             if missing:
-                raise NotImplementedError(f"BackPACK has no SumGradSquared for {', '.join(missing)}")
+                raise PeerDoesNotApply(f"BackPACK has no SumGradSquared for {', '.join(missing)}")
             fisher = {k: p.sum_grad_squared for k, p in bp_params}
             for _, p in bp_params:
                 p.grad = None
@@ -249,6 +249,10 @@ def setup(method: str, model: nn.Module, x: torch.Tensor) -> Callable[[], dict[s
 
         return backpack_sgs
     raise ValueError(f"unknown method {method!r}")
+
+
+class PeerDoesNotApply(Exception):
+    """A peer that cannot compute this model's Fisher; its row says why instead of a time."""
 
 
 def _opacus_fixed(model: nn.Module, validator) -> nn.Module:

