@@ -38,12 +38,11 @@ def _masked_accumulate_kernel(
     tl.store(a_ptr + offs, a + g * bit, mask=mask)
 
 
-def masked_accumulate_forward(acc, grads, words, word_offsets, task) -> None:
-    """Kernel of ``torch.ops.fsmtl.masked_accumulate`` for CUDA tensors (schema arguments): adds
-    ``grads[i]`` masked by task ``task``'s bits (from word ``word_offsets[i]`` of row ``task`` of
-    ``words``) into ``acc[i]``. A non-contiguous ``acc`` is updated through a contiguous copy."""
-    words = words.contiguous()
-    row = words[task]
+def _launches(acc, grads, word_offsets, device):
+    """The contiguous gradients, the writable accumulators (``acc`` or contiguous copies) and the
+    kernel launches over the segments (one per parameter: its gradient, its accumulator, its first
+    mask word). The launch tables hold raw pointers: the caller keeps the first two alive until its
+    launches are done."""
     grads = [g.contiguous() for g in grads]
     work = _utils.writable(acc, keep_values=True)
     segments = [
@@ -51,7 +50,17 @@ def masked_accumulate_forward(acc, grads, words, word_offsets, task) -> None:
         for g, a, offset in zip(grads, work, word_offsets, strict=True)
     ]
     block = _utils.block_size("average", max(a.numel() for a in acc))
-    for launch in _utils.segment_launches(segments, block, words.device):
+    return grads, work, list(_utils.segment_launches(segments, block, device))
+
+
+def masked_accumulate_forward(acc, grads, words, word_offsets, task) -> None:
+    """Kernel of ``torch.ops.fsmtl.masked_accumulate`` for CUDA tensors (schema arguments): adds
+    ``grads[i]`` masked by task ``task``'s bits (from word ``word_offsets[i]`` of row ``task`` of
+    ``words``) into ``acc[i]``. A non-contiguous ``acc`` is updated through a contiguous copy."""
+    words = words.contiguous()
+    row = words[task]
+    grads, work, launches = _launches(acc, grads, word_offsets, words.device)
+    for launch in launches:
         g_dtype, a_dtype = launch.group
         _masked_accumulate_kernel[(launch.n_blocks,)](
             launch.table,
@@ -101,14 +110,8 @@ def masked_accumulate_tasks_forward(acc, grads, words, word_offsets, first_task)
     if num_tasks == 0:
         return
     words = words.contiguous()
-    grads = [g.contiguous() for g in grads]
-    work = _utils.writable(acc, keep_values=True)
-    segments = [
-        _utils.Segment((g.data_ptr(), a.data_ptr()), a.numel(), (offset,), (g.dtype, a.dtype))
-        for g, a, offset in zip(grads, work, word_offsets, strict=True)
-    ]
-    block = _utils.block_size("average", max(a.numel() for a in acc))
-    for launch in _utils.segment_launches(segments, block, words.device):
+    grads, work, launches = _launches(acc, grads, word_offsets, words.device)
+    for launch in launches:
         g_dtype, a_dtype = launch.group
         _masked_accumulate_tasks_kernel[(launch.n_blocks,)](
             launch.table,
